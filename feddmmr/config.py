@@ -1,0 +1,128 @@
+"""Typed parameters, one dataclass per ``params.yaml`` section.
+
+The dataclass defaults are the embedded defaults; ``params.yaml`` mirrors them and any key can be
+overridden from the command line with ``-S section.key=value`` (the same syntax as ``dvc exp run -S``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import FeddmmrError
+
+
+@dataclass
+class PrepareParams:
+    source: str = "csv"                      # ml-1m | ml-100k | csv
+    path: str = "data/demo/interactions.csv"  # folder, zip or file
+    top_k_users: int = 0                     # keep the K most active users (0 = all)
+    min_user_interactions: int = 5           # users with fewer interactions are dropped
+    max_seq_len: int = 50
+    eval_negatives: int = 100                # sampled-protocol negatives per user, drawn once
+    seed: int = 42
+
+
+@dataclass
+class ModelParams:
+    hidden: int = 128
+    blocks: int = 2
+    heads: int = 4
+    ffn_hidden: int = 128
+    dropout: float = 0.2
+
+
+@dataclass
+class EvalParams:
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    batch_size: int = 512
+
+
+@dataclass
+class TrainParams:
+    rounds: int = 50
+    client_fraction: float = 0.1
+    local_epochs: int = 1
+    batch_size: int = 8              # training windows (of max_seq_len positions) per local step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    num_negatives: int = 20          # sampled negatives per training position
+    loss: str = "ce"                 # ce (sampled softmax) | bpr
+    patience: int = 10               # rounds without improvement before stopping
+    selection_metric: str = "full/NDCG@10"
+    executor: str = "vectorized"     # vectorized | sequential (reference)
+    clients_per_chunk: int = 128     # clients trained together in one vectorized call
+    seed: int = 42
+
+
+@dataclass
+class Params:
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    evaluation: EvalParams = field(default_factory=EvalParams)
+    pretrain_sasrec: TrainParams = field(default_factory=TrainParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = True
+    if not ok:
+        raise FeddmmrError(
+            f"params: {section}.{key} must be {type(default).__name__}, got {value!r}; fix it in params.yaml or the -S override"
+        )
+    return value
+
+
+def _update_section(obj: Any, section: str, values: dict[str, Any]) -> None:
+    valid = {f.name for f in fields(obj)}
+    for key, value in values.items():
+        if key not in valid:
+            raise FeddmmrError(f"params: unknown key {section}.{key}; valid keys: {', '.join(sorted(valid))}")
+        setattr(obj, key, _coerce(section, key, value, getattr(obj, key)))
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Embedded defaults, updated by ``path`` (when it exists) and then by ``section.key=value`` overrides."""
+    params = Params()
+    sections = {f.name for f in fields(params)}
+    if path is not None and Path(path).is_file():
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise FeddmmrError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise FeddmmrError(f"{path} must hold a mapping of sections ({', '.join(sorted(sections))})")
+        for section, values in raw.items():
+            if section not in sections:
+                continue  # other tools' sections (later stages, tracking, ...) are theirs to validate
+            if not isinstance(values, dict):
+                raise FeddmmrError(f"{path}: section {section!r} must be a mapping")
+            _update_section(getattr(params, section), section, values)
+    elif path is not None and str(path) != "params.yaml":
+        raise FeddmmrError(f"params file not found: {path} (pass an existing file or omit --params for the defaults)")
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise FeddmmrError(f"override {item!r} must look like section.key=value, e.g. pretrain_sasrec.rounds=5")
+        dotted, raw_value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section not in sections:
+            raise FeddmmrError(f"override {item!r}: unknown section {section!r}; valid: {', '.join(sorted(sections))}")
+        _update_section(getattr(params, section), section, {key: yaml.safe_load(raw_value)})
+    return params

@@ -1,0 +1,209 @@
+"""Federated simulation: every user is a client that trains on its own windows; FedAvg aggregates.
+
+Two executors produce the same aggregated model for the same seed:
+- ``sequential``: the reference, one client at a time with an ``nn.Module`` copy and ``torch.optim.Adam``;
+- ``vectorized``: the clients of a round are stacked along a leading dimension and trained together with
+  ``torch.func.vmap(grad(...))`` and a batched Adam; clients are sorted by their number of local steps
+  so that the clients still training at step s are a prefix of the stack (no wasted compute).
+
+Each client draws its batch order and training negatives from its own generator, seeded from
+(seed, round, user), so the two executors see identical samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .config import TrainParams
+from .data import Prepared, train_windows
+from .model.sasrec import score_items
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class LocalBatch:
+    x: torch.Tensor    # [b, L] input windows
+    y: torch.Tensor    # [b, L] next-item targets (0 = none)
+    neg: torch.Tensor  # [b, L, N] negatives drawn from items outside the client's training history
+
+
+class ClientPool:
+    """Every client's training windows and unseen-item table, built once from the prepared data."""
+
+    def __init__(self, data: Prepared):
+        self.data = data
+        x, y, owner = train_windows(data)
+        self.win_x = torch.from_numpy(x)
+        self.win_y = torch.from_numpy(y)
+        counts = np.bincount(owner, minlength=data.num_users)
+        self.win_start = np.concatenate([[0], np.cumsum(counts)])
+        self.num_targets = torch.from_numpy(np.bincount(owner, weights=(y > 0).sum(1), minlength=data.num_users)).long()
+
+    def unseen_items(self, u: int) -> torch.Tensor:
+        seen = np.zeros(self.data.num_items + 1, dtype=bool)
+        seen[0] = True
+        seen[self.data.sequence(u)[:-2]] = True
+        return torch.from_numpy(np.flatnonzero(~seen))
+
+    def plan(self, u: int, rnd: int, tp: TrainParams) -> list[LocalBatch]:
+        """Client u's local batches for round ``rnd``: shuffled windows and sampled negatives."""
+        seed = int(np.random.SeedSequence([tp.seed, rnd, u]).generate_state(1)[0])
+        gen = torch.Generator().manual_seed(seed)
+        lo, hi = int(self.win_start[u]), int(self.win_start[u + 1])
+        unseen = self.unseen_items(u)
+        batches = []
+        for _ in range(tp.local_epochs):
+            order = torch.randperm(hi - lo, generator=gen) + lo
+            for idx in order.split(tp.batch_size):
+                x, y = self.win_x[idx], self.win_y[idx]
+                pick = (torch.rand(*y.shape, tp.num_negatives, generator=gen) * len(unseen)).long()
+                batches.append(LocalBatch(x, y, unseen[pick]))
+        return batches
+
+
+def batch_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+               neg: torch.Tensor, loss: str) -> torch.Tensor:
+    """Mean next-item loss over the real target positions of one client's batch."""
+    h = functional_call(model, params, (x,))                      # [b, L, d]
+    cands = torch.cat([y.unsqueeze(-1), neg], dim=-1)              # [b, L, 1+N], positive first
+    logits = score_items(params["item_emb.weight"], h, cands)      # [b, L, 1+N]
+    if loss == "ce":
+        per_pos = torch.logsumexp(logits, -1) - logits[..., 0]
+    elif loss == "bpr":
+        per_pos = F.softplus(logits[..., 1:] - logits[..., :1]).mean(-1)
+    else:
+        raise ValueError(f"unknown loss {loss!r} (ce | bpr)")
+    mask = (y > 0).to(per_pos.dtype)
+    return (per_pos * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _adam_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor, tp: TrainParams) -> None:
+    """In-place Adam (torch.optim.Adam's arithmetic) on stacked clients; t [a] per-client step counts."""
+    b1, b2 = ADAM_BETAS
+    if tp.weight_decay:
+        g = g.add(p, alpha=tp.weight_decay)
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    shape = (-1,) + (1,) * (p.dim() - 1)
+    step_size = (tp.lr / (1 - b1 ** t)).view(shape)
+    bc2_sqrt = (1 - b2 ** t).sqrt().view(shape)
+    denom = (v.sqrt() / bc2_sqrt).add_(ADAM_EPS)
+    p.sub_(step_size * m / denom)
+
+
+def _pad_stack(tensors: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """Stack per-client batches [b_c, ...] into [a, rows, ...], padding with zeros (no targets)."""
+    out = torch.zeros((len(tensors), rows) + tuple(tensors[0].shape[1:]), dtype=tensors[0].dtype)
+    for i, t in enumerate(tensors):
+        out[i, : len(t)] = t
+    return out
+
+
+@dataclass
+class RoundResult:
+    state: dict[str, torch.Tensor]  # aggregated global parameters
+    train_loss: float               # sample-weighted mean local loss
+    clients: int
+    steps: int                      # local steps summed over clients
+
+
+def _average(acc: dict[str, torch.Tensor], total_w: float, global_params: dict[str, torch.Tensor],
+             names: list[str]) -> dict[str, torch.Tensor]:
+    """FedAvg result: weighted mean of trainable tensors; frozen tensors returned bit-identical."""
+    return {k: acc[k] / total_w if k in names else v.clone() for k, v in global_params.items()}
+
+
+def _split_params(model: nn.Module, trainable: set[str] | None):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    names = [k for k in params if trainable is None or k in trainable]
+    return params, names
+
+
+def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPool, rnd: int, tp: TrainParams,
+                           trainable: set[str] | None = None) -> RoundResult:
+    """Reference executor: one client at a time, nn.Module copy + torch.optim.Adam, then FedAvg."""
+    global_params, names = _split_params(model, trainable)
+    acc = {k: torch.zeros_like(global_params[k]) for k in names}
+    total_w, loss_sum, steps = 0.0, 0.0, 0
+    for u in clients:
+        local = {k: v.clone().requires_grad_(k in names) for k, v in global_params.items()}
+        opt = torch.optim.Adam([local[k] for k in names], lr=tp.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+                               weight_decay=tp.weight_decay, foreach=False)
+        losses = []
+        for b in pool.plan(u, rnd, tp):
+            opt.zero_grad()
+            loss = batch_loss(model, local, b.x, b.y, b.neg, tp.loss)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            steps += 1
+        w = float(pool.num_targets[u])
+        for k in names:
+            acc[k].add_(local[k].detach(), alpha=w)
+        total_w += w
+        loss_sum += w * float(np.mean(losses))
+    return RoundResult(_average(acc, total_w, global_params, names), loss_sum / total_w, len(clients), steps)
+
+
+def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPool, rnd: int, tp: TrainParams,
+                           trainable: set[str] | None = None) -> RoundResult:
+    """All clients of the round trained together (in chunks of ``clients_per_chunk``), then FedAvg."""
+    global_params, names = _split_params(model, trainable)
+    frozen = {k: v for k, v in global_params.items() if k not in names}
+
+    def client_loss(train_p, x, y, neg):
+        loss = batch_loss(model, {**frozen, **train_p}, x, y, neg, tp.loss)
+        return loss, loss.detach()
+
+    grad_fn = vmap(grad(client_loss, has_aux=True), randomness="different")
+    acc = {k: torch.zeros_like(global_params[k]) for k in names}
+    total_w, loss_sum, steps = 0.0, 0.0, 0
+    for lo in range(0, len(clients), tp.clients_per_chunk):
+        chunk = clients[lo: lo + tp.clients_per_chunk]
+        plans = [pool.plan(u, rnd, tp) for u in chunk]
+        order = sorted(range(len(chunk)), key=lambda i: -len(plans[i]))
+        chunk, plans = [chunk[i] for i in order], [plans[i] for i in order]
+        n_steps = torch.tensor([len(p) for p in plans])
+        m = len(chunk)
+        P = {k: global_params[k].unsqueeze(0).repeat((m,) + (1,) * global_params[k].dim()) for k in names}
+        M = {k: torch.zeros_like(v) for k, v in P.items()}
+        V = {k: torch.zeros_like(v) for k, v in P.items()}
+        loss_tot = torch.zeros(m)
+        for s in range(int(n_steps.max())):
+            a = int((n_steps > s).sum())  # clients still training: a prefix of the stack
+            batches = [plans[i][s] for i in range(a)]
+            rows = max(len(b.x) for b in batches)
+            x = _pad_stack([b.x for b in batches], rows)
+            y = _pad_stack([b.y for b in batches], rows)
+            neg = _pad_stack([b.neg for b in batches], rows)
+            active = {k: P[k][:a] for k in names}
+            g, loss = grad_fn(active, x, y, neg)
+            loss_tot[:a] += loss
+            t = torch.full((a,), float(s + 1))
+            with torch.no_grad():
+                for k in names:
+                    _adam_(P[k][:a], g[k], M[k][:a], V[k][:a], t, tp)
+            steps += a
+        w = pool.num_targets[torch.tensor(chunk)].to(torch.float32)
+        for k in names:
+            acc[k].add_(torch.tensordot(w, P[k], dims=1))
+        total_w += float(w.sum())
+        loss_sum += float((w * loss_tot / n_steps).sum())
+    return RoundResult(_average(acc, total_w, global_params, names), loss_sum / total_w, len(clients), steps)
+
+
+EXECUTORS = {"sequential": train_round_sequential, "vectorized": train_round_vectorized}
+
+
+def select_clients(num_users: int, fraction: float, rnd: int, seed: int) -> list[int]:
+    """Uniform sample without replacement of max(1, round(fraction * U)) clients, seeded per round."""
+    m = max(1, min(num_users, int(round(fraction * num_users))))
+    rng = np.random.default_rng([seed, rnd])
+    return sorted(rng.choice(num_users, size=m, replace=False).tolist())

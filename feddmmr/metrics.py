@@ -1,0 +1,77 @@
+"""Batched evaluation of all users: HR@k, NDCG@k and MRR under two protocols.
+
+- full:    the target is ranked against every item the user has not interacted with before
+           (the known history is excluded; ties count against the target);
+- sampled: the target is ranked against the fixed 100 negatives drawn once at prepare time from
+           items the user never interacted with (parity with the original FedDMMR numbers).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data import Prepared, eval_inputs
+
+
+def rank_metrics(ranks: torch.Tensor, ks: list[int]) -> dict[str, float]:
+    """ranks [U] (1 = best) -> {HR@k, NDCG@k, MRR} averaged over users."""
+    r = ranks.to(torch.float64)
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = r <= k
+        out[f"HR@{k}"] = float(hit.double().mean())
+        out[f"NDCG@{k}"] = float(torch.where(hit, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r)).mean())
+    out["MRR"] = float((1.0 / r).mean())
+    return out
+
+
+class Evaluator:
+    """Holds the fixed inputs of the validation and test splits; evaluates a model in one pass per batch."""
+
+    def __init__(self, data: Prepared, ks: list[int], batch_size: int = 512):
+        self.data, self.ks, self.batch_size = data, list(ks), batch_size
+        self.splits = {}
+        for split in ("val", "test"):
+            x, target, hist = eval_inputs(data, split)
+            rows = np.repeat(np.arange(data.num_users), [len(h) for h in hist])
+            cols = np.concatenate(hist) if hist else np.zeros(0, dtype=np.int64)
+            self.splits[split] = (x, target, torch.from_numpy(rows), torch.from_numpy(cols))
+        self.negatives = torch.from_numpy(data.eval_negatives)
+
+    @torch.no_grad()
+    def ranks(self, model: torch.nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x, target, h_rows, h_cols = self.splits[split]
+        was_training = model.training
+        model.eval()
+        full, sampled = [], []
+        for lo in range(0, len(x), self.batch_size):
+            hi = min(lo + self.batch_size, len(x))
+            h = model.encode(x[lo:hi])[:, -1]                           # [b, d] most recent position
+            scores = model.score_all(h)                                 # [b, I], column j = item j+1
+            pos = scores.gather(1, (target[lo:hi] - 1).unsqueeze(1))    # [b, 1]
+            sel = (h_rows >= lo) & (h_rows < hi)
+            scores[h_rows[sel] - lo, h_cols[sel] - 1] = float("-inf")   # known history never competes
+            full.append((scores >= pos).sum(1))                         # target counts itself: rank >= 1
+            if self.negatives.shape[1]:
+                neg = model.score(h, self.negatives[lo:hi])             # [b, N]
+                sampled.append(1 + (neg >= pos).sum(1))
+        model.train(was_training)
+        full_r = torch.cat(full)
+        sampled_r = torch.cat(sampled) if sampled else torch.zeros(0)
+        return full_r, sampled_r
+
+    def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, dict[str, float]]:
+        full, sampled = self.ranks(model, split)
+        out = {"full": rank_metrics(full, self.ks)}
+        if len(sampled):
+            out["sampled"] = rank_metrics(sampled, self.ks)
+        return out
+
+
+def pick(metrics: dict[str, dict[str, float]], name: str) -> float:
+    """Look up 'protocol/metric', e.g. 'full/NDCG@10'."""
+    protocol, _, metric = name.partition("/")
+    try:
+        return metrics[protocol][metric]
+    except KeyError:
+        raise KeyError(f"unknown selection metric {name!r}; use protocol/metric like full/NDCG@10 or sampled/HR@10") from None
