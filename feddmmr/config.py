@@ -47,8 +47,11 @@ class TrainParams:
     client_fraction: float = 0.1
     local_epochs: int = 1
     batch_size: int = 8              # training windows (of max_seq_len positions) per local step
+    optimizer: str = "adam"          # client optimizer: adam | sgd (fresh each round)
     lr: float = 1e-3
     weight_decay: float = 0.0
+    server_lr: float = 1.0           # server step on the averaged update (1.0 + momentum 0 = plain FedAvg)
+    server_momentum: float = 0.0     # FedAvgM momentum on the averaged update
     num_negatives: int = 20          # sampled negatives per training position
     loss: str = "ce"                 # ce (sampled softmax) | bpr
     patience: int = 10               # rounds without improvement before stopping

@@ -84,11 +84,14 @@ def batch_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tenso
     return (per_pos * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _adam_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor, tp: TrainParams) -> None:
-    """In-place Adam (torch.optim.Adam's arithmetic) on stacked clients; t [a] per-client step counts."""
+def _step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor, tp: TrainParams) -> None:
+    """In-place client step on stacked clients, with torch.optim.Adam's / SGD's arithmetic; t [a] step counts."""
     b1, b2 = ADAM_BETAS
     if tp.weight_decay:
         g = g.add(p, alpha=tp.weight_decay)
+    if tp.optimizer == "sgd":
+        p.sub_(g, alpha=tp.lr)
+        return
     m.mul_(b1).add_(g, alpha=1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     shape = (-1,) + (1,) * (p.dim() - 1)
@@ -96,6 +99,13 @@ def _adam_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t
     bc2_sqrt = (1 - b2 ** t).sqrt().view(shape)
     denom = (v.sqrt() / bc2_sqrt).add_(ADAM_EPS)
     p.sub_(step_size * m / denom)
+
+
+def make_optimizer(tensors: list[torch.Tensor], tp: TrainParams) -> torch.optim.Optimizer:
+    if tp.optimizer == "sgd":
+        return torch.optim.SGD(tensors, lr=tp.lr, weight_decay=tp.weight_decay, foreach=False)
+    return torch.optim.Adam(tensors, lr=tp.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=tp.weight_decay,
+                            foreach=False)
 
 
 def _pad_stack(tensors: list[torch.Tensor], rows: int) -> torch.Tensor:
@@ -134,8 +144,7 @@ def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPoo
     total_w, loss_sum, steps = 0.0, 0.0, 0
     for u in clients:
         local = {k: v.clone().requires_grad_(k in names) for k, v in global_params.items()}
-        opt = torch.optim.Adam([local[k] for k in names], lr=tp.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                               weight_decay=tp.weight_decay, foreach=False)
+        opt = make_optimizer([local[k] for k in names], tp)
         losses = []
         for b in pool.plan(u, rnd, tp):
             opt.zero_grad()
@@ -173,8 +182,9 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
         n_steps = torch.tensor([len(p) for p in plans])
         m = len(chunk)
         P = {k: global_params[k].unsqueeze(0).repeat((m,) + (1,) * global_params[k].dim()) for k in names}
-        M = {k: torch.zeros_like(v) for k, v in P.items()}
-        V = {k: torch.zeros_like(v) for k, v in P.items()}
+        adam = tp.optimizer == "adam"
+        M = {k: torch.zeros_like(v) if adam else None for k, v in P.items()}
+        V = {k: torch.zeros_like(v) if adam else None for k, v in P.items()}
         loss_tot = torch.zeros(m)
         for s in range(int(n_steps.max())):
             a = int((n_steps > s).sum())  # clients still training: a prefix of the stack
@@ -189,7 +199,7 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
             t = torch.full((a,), float(s + 1))
             with torch.no_grad():
                 for k in names:
-                    _adam_(P[k][:a], g[k], M[k][:a], V[k][:a], t, tp)
+                    _step_(P[k][:a], g[k], M[k][:a] if adam else None, V[k][:a] if adam else None, t, tp)
             steps += a
         w = pool.num_targets[torch.tensor(chunk)].to(torch.float32)
         for k in names:
@@ -207,3 +217,30 @@ def select_clients(num_users: int, fraction: float, rnd: int, seed: int) -> list
     m = max(1, min(num_users, int(round(fraction * num_users))))
     rng = np.random.default_rng([seed, rnd])
     return sorted(rng.choice(num_users, size=m, replace=False).tolist())
+
+
+class ServerOptimizer:
+    """Server step on the FedAvg result: θ ← θ + server_lr · buf, buf ← momentum · buf + (avg − θ).
+
+    server_lr 1 and momentum 0 give plain FedAvg (θ ← avg). Only tensors that changed are stepped,
+    so frozen tensors stay bit-identical.
+    """
+
+    def __init__(self, server_lr: float, momentum: float):
+        self.lr, self.momentum = server_lr, momentum
+        self.buf: dict[str, torch.Tensor] = {}
+
+    def step(self, current: dict[str, torch.Tensor], averaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.lr == 1.0 and self.momentum == 0.0:
+            return averaged
+        out = {}
+        for k, theta in current.items():
+            delta = averaged[k] - theta
+            if not delta.any() and k not in self.buf:
+                out[k] = averaged[k]
+                continue
+            buf = self.buf.get(k)
+            buf = delta if buf is None else buf.mul_(self.momentum).add_(delta)
+            self.buf[k] = buf
+            out[k] = theta + self.lr * buf
+        return out

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .config import Params, TrainParams
 from .data import Prepared, load_prepared
 from .errors import FeddmmrError
-from .federated import EXECUTORS, ClientPool, select_clients
+from .federated import EXECUTORS, ClientPool, ServerOptimizer, select_clients
 from .io import atomic_dir, read_json, save_tensors, write_json
 from .metrics import Evaluator, pick
 from .model import SASRec
@@ -44,6 +44,8 @@ def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
     for key in ("rounds", "local_epochs", "batch_size", "num_negatives", "clients_per_chunk"):
         if getattr(tp, key) < 1:
             raise FeddmmrError(f"{stage}.{key} must be >= 1, got {getattr(tp, key)}")
+    if tp.optimizer not in ("adam", "sgd"):
+        raise FeddmmrError(f"{stage}.optimizer must be adam or sgd, got {tp.optimizer!r}")
     if tp.loss not in ("ce", "bpr"):
         raise FeddmmrError(f"{stage}.loss must be ce or bpr, got {tp.loss!r}")
     protocol, _, metric = tp.selection_metric.partition("/")
@@ -66,6 +68,7 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
     pool = ClientPool(data)
     evaluator = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size)
     executor = EXECUTORS[tp.executor]
+    server = ServerOptimizer(tp.server_lr, tp.server_momentum)
 
     val0 = evaluator.evaluate(model, "val")
     history = {"round": [0], "train_loss": [None], "val": [val0], "clients": [0], "seconds": [0.0]}
@@ -77,7 +80,7 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
         clients = select_clients(data.num_users, tp.client_fraction, rnd, tp.seed)
         model.train()
         result = executor(model, clients, pool, rnd, tp)
-        model.load_state_dict(result.state)
+        model.load_state_dict(server.step({k: v.detach() for k, v in model.state_dict().items()}, result.state))
         val = evaluator.evaluate(model, "val")
         seconds = time.perf_counter() - t0
         score = pick(val, tp.selection_metric)

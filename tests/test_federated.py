@@ -14,10 +14,14 @@ def setup(tiny_prepared):
     return data, ClientPool(data)
 
 
-@pytest.mark.parametrize("epochs, trainable", [(1, None), (2, None), (1, {"blocks.0.attn.qkv.weight", "final_ln.bias"})])
-def test_vectorized_equals_sequential_reference(setup, epochs, trainable):
+@pytest.mark.parametrize("epochs, optimizer, trainable", [
+    (1, "adam", None), (2, "adam", None), (1, "sgd", None),
+    (1, "adam", {"blocks.0.attn.qkv.weight", "final_ln.bias"}),
+])
+def test_vectorized_equals_sequential_reference(setup, epochs, optimizer, trainable):
     data, pool = setup
-    params = tiny_params(local_epochs=epochs, weight_decay=1e-4, clients_per_chunk=7)
+    params = tiny_params(local_epochs=epochs, weight_decay=1e-4, clients_per_chunk=7, optimizer=optimizer,
+                         lr=0.1 if optimizer == "sgd" else 1e-3)
     params.model.dropout = 0.0  # dropout draws differ between vmap and a loop; everything else must match
     model = build_model(params, data)
     clients = select_clients(data.num_users, 0.5, rnd=1, seed=0)
@@ -72,3 +76,15 @@ def test_client_selection_is_seeded_and_sized():
     assert a == select_clients(1000, 0.1, rnd=5, seed=42) and len(set(a)) == 100
     assert a != select_clients(1000, 0.1, rnd=6, seed=42)
     assert len(select_clients(3, 0.01, rnd=1, seed=0)) == 1
+
+
+def test_server_momentum_keeps_frozen_tensors_and_defaults_to_fedavg():
+    from feddmmr.federated import ServerOptimizer
+    cur = {"a": torch.zeros(3), "b": torch.ones(2)}
+    avg = {"a": torch.ones(3), "b": torch.ones(2)}
+    assert ServerOptimizer(1.0, 0.0).step(cur, avg) is avg
+    opt = ServerOptimizer(1.0, 0.5)
+    first = opt.step(cur, avg)
+    assert torch.equal(first["a"], torch.ones(3)) and torch.equal(first["b"], cur["b"])
+    second = opt.step(first, {"a": torch.full((3,), 2.0), "b": torch.ones(2)})
+    assert torch.allclose(second["a"], torch.full((3,), 1.0 + 0.5 * 1.0 + 1.0))

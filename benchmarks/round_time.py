@@ -1,0 +1,78 @@
+"""Benchmark: wall time of one federated round (vectorized vs the sequential reference) and of the
+batched evaluation of all users, on the ML-1M top-1000 subset when ../shared/data is present
+(else on the synthetic demo data).
+
+    python benchmarks/round_time.py [--clients 100] [--data-root ../shared/data] [--skip-sequential]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from feddmmr.config import load_params
+from feddmmr.data import load_prepared, prepare
+from feddmmr.federated import ClientPool, train_round_sequential, train_round_vectorized
+from feddmmr.metrics import Evaluator
+from feddmmr.stages import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=100)
+    ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--skip-sequential", action="store_true")
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+
+    params = load_params(REPO / "params.yaml", args.overrides)
+    ml1m = Path(args.data_root) / "ml-1m"
+    if ml1m.is_dir():
+        params.prepare.source, params.prepare.path, params.prepare.top_k_users = "ml-1m", str(ml1m), 1000
+    else:
+        params.prepare.path = str(REPO / params.prepare.path)
+    tmp = Path(tempfile.mkdtemp())
+    meta = prepare(params.prepare, tmp / "prepared")
+    data = load_prepared(tmp / "prepared")
+    tp = params.pretrain_sasrec
+
+    print(f"machine: {platform.machine()} {platform.processor() or ''} cores={os.cpu_count()} "
+          f"torch={torch.__version__} threads={torch.get_num_threads()} python={platform.python_version()}")
+    print(f"command: {' '.join([sys.executable, *sys.argv])}")
+    print(f"data: {params.prepare.source} {meta['num_users']} users, {meta['num_items']} items, "
+          f"{meta['num_interactions']} interactions; model {params.model}")
+    print(f"train: batch_size={tp.batch_size} local_epochs={tp.local_epochs} negatives={tp.num_negatives} loss={tp.loss}")
+
+    torch.manual_seed(0)
+    model = build_model(params, data)
+    pool = ClientPool(data)
+    clients = list(range(min(args.clients, data.num_users)))
+    n_targets = int(pool.num_targets[clients].sum())
+    evaluator = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size)
+
+    results = {}
+    runs = [("vectorized", train_round_vectorized)] + ([] if args.skip_sequential else [("sequential", train_round_sequential)])
+    for name, fn in runs:
+        t0 = time.perf_counter()
+        r = fn(model, clients, pool, 1, tp)
+        dt = time.perf_counter() - t0
+        results[name] = dt
+        print(f"round ({name}): {len(clients)} clients, {r.steps} local steps, {n_targets} training targets: "
+              f"{dt:.2f} s ({n_targets / dt:,.0f} targets/s)")
+    t0 = time.perf_counter()
+    evaluator.evaluate(model, "val")
+    print(f"evaluation of all {data.num_users} users (full ranking + sampled): {time.perf_counter() - t0:.2f} s")
+    if "sequential" in results:
+        print(f"speed-up vectorized vs sequential: {results['sequential'] / results['vectorized']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
