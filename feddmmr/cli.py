@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from .errors import FeddmmrError
 
@@ -17,6 +16,7 @@ DESCRIPTION = """FedDMMR: federated multimodal sequential recommendation, as a r
 
 Steps (each also a DVC stage in dvc.yaml):
   prepare   ingest MovieLens-1M / MovieLens-100K / a CSV, subset users, leave-one-out split
+  features  item features: `features text` (sentence-transformers) and `features visual` (open_clip)
   train     federated training of a stage (pretrain_sasrec)
   evaluate  evaluate a stage checkpoint (full ranking and 1+100 sampled negatives)
   make-demo write the small synthetic dataset used as the embedded default
@@ -43,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "draw the fixed evaluation negatives and write everything atomically to --out.")
     _add_params(p)
     p.add_argument("--out", default="data/prepared", help="output directory (default: data/prepared)")
+
+    p = sub.add_parser("features", help="extract item text or poster features",
+                       description="Embed every prepared item with a text model (features_text section) or a CLIP "
+                                   "image model (features_visual section). Writes features.safetensors (rows indexed "
+                                   "by prepared item id, row 0 padding, L2-normalised, masked zero rows for missing "
+                                   "items) and report.json (coverage, model, dims, source hashes).")
+    p.add_argument("modality", choices=["text", "visual"], help="which feature to extract")
+    _add_params(p)
+    p.add_argument("--data", default="data/prepared", help="prepared data directory (default: data/prepared)")
+    p.add_argument("--out", help="output directory (default: features/<modality>)")
 
     p = sub.add_parser("train", help="federated training of one stage",
                        description="Train a stage federatedly on prepared data: each user is a client, a "
@@ -86,6 +96,16 @@ def run(args: argparse.Namespace) -> int:
         meta = prepare(params.prepare, args.out)
         print(f"prepared {args.out}: {meta['num_users']} users, {meta['num_items']} items, "
               f"{meta['num_interactions']} interactions")
+        return 0
+    if args.command == "features":
+        from .features import extract_text, extract_visual
+        out = args.out or f"features/{args.modality}"
+        if args.modality == "text":
+            report = extract_text(params.prepare, params.features_text, args.data, out, progress=not args.quiet)
+        else:
+            report = extract_visual(params.features_visual, args.data, out, progress=not args.quiet)
+        print(f"wrote {out}: {report['covered']}/{report['items']} items ({report['coverage_pct']:.1f}%), "
+              f"{report['dim']}-d, {report['seconds']:.1f}s")
         return 0
     if args.command == "train":
         from .stages import train_stage

@@ -50,8 +50,9 @@ class TrainParams:
     optimizer: str = "adam"          # client optimizer: adam | sgd (fresh each round)
     lr: float = 1e-3
     weight_decay: float = 0.0
-    server_lr: float = 1.0           # server step on the averaged update (1.0 + momentum 0 = plain FedAvg)
-    server_momentum: float = 0.0     # FedAvgM momentum on the averaged update
+    server_optimizer: str = "sgd"    # sgd (FedAvg / FedAvgM) | adam (FedAdam) on the averaged client update
+    server_lr: float = 1.0           # server step size (sgd with 1.0 and momentum 0 = plain FedAvg)
+    server_momentum: float = 0.0     # sgd: FedAvgM momentum; adam: beta1
     num_negatives: int = 20          # sampled negatives per training position
     loss: str = "ce"                 # ce (sampled softmax) | bpr
     patience: int = 10               # rounds without improvement before stopping
@@ -62,10 +63,31 @@ class TrainParams:
 
 
 @dataclass
+class TextFeatureParams:
+    model: str = "all-MiniLM-L6-v2"  # sentence-transformers name or local folder; default ships offline
+    movies: str = ""                 # item metadata (movies.dat, u.item or CSV item,title[,genres]); '' = beside the data
+    descriptions: str = ""           # optional JSON {item_id: text} or '::' extras file (plot field)
+    batch_size: int = 64
+    device: str = "auto"             # auto | cpu | cuda
+
+
+@dataclass
+class VisualFeatureParams:
+    model: str = "ViT-B-32"          # open_clip model name
+    pretrained: str = "openai"       # open_clip tag, a local weights file, or 'none' for random weights
+    images: str = ""                 # folder of <raw_item_id>.jpg|png; '' = no posters (visual modality masked)
+    dim: int = 512                   # feature size written when no posters are configured
+    batch_size: int = 32
+    device: str = "auto"
+
+
+@dataclass
 class Params:
     prepare: PrepareParams = field(default_factory=PrepareParams)
     model: ModelParams = field(default_factory=ModelParams)
     evaluation: EvalParams = field(default_factory=EvalParams)
+    features_text: TextFeatureParams = field(default_factory=TextFeatureParams)
+    features_visual: VisualFeatureParams = field(default_factory=VisualFeatureParams)
     pretrain_sasrec: TrainParams = field(default_factory=TrainParams)
 
     def to_dict(self) -> dict[str, Any]:

@@ -40,8 +40,27 @@ def make_demo(num_users: int = 300, num_items: int = 400, genres: int = 10, seed
     return pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
 
 
-def write_demo(path: str | Path, **kwargs) -> pd.DataFrame:
-    frame = make_demo(**kwargs)
+GENRE_NAMES = ["Action", "Adventure", "Animation", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+               "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+
+
+def make_demo_items(num_items: int = 400, genres: int = 10) -> pd.DataFrame:
+    """Titles and genres of the demo items (for text features): consecutive ids share a genre."""
+    per_genre = num_items // genres
+    rows = []
+    for i in range(1, num_items + 1):
+        g = min((i - 1) // per_genre, genres - 1)
+        name = GENRE_NAMES[g % len(GENRE_NAMES)]
+        rows.append((i, f"{name} story part {(i - 1) % per_genre + 1}", name))
+    return pd.DataFrame(rows, columns=["item", "title", "genres"])
+
+
+def write_demo(path: str | Path, num_users: int = 300, num_items: int = 400, genres: int = 10,
+               seed: int = 7) -> pd.DataFrame:
+    """Write interactions to ``path`` and item titles to ``items.csv`` beside it."""
+    frame = make_demo(num_users=num_users, num_items=num_items, genres=genres, seed=seed)
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
+    with atomic_path(Path(path).with_name("items.csv")) as tmp:
+        make_demo_items(num_items, genres).to_csv(tmp, index=False)
     return frame

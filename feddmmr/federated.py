@@ -84,21 +84,24 @@ def batch_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tenso
     return (per_pos * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor, tp: TrainParams) -> None:
-    """In-place client step on stacked clients, with torch.optim.Adam's / SGD's arithmetic; t [a] step counts."""
-    b1, b2 = ADAM_BETAS
+def _step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, t: int,
+           tp: TrainParams, denom: torch.Tensor | None = None) -> None:
+    """In-place client step on stacked clients [a, ...], with torch.optim.Adam's / SGD's arithmetic.
+
+    ``t`` is the step count (the same for every client still training); ``g`` is overwritten;
+    ``denom`` is an optional scratch buffer shaped like ``p``.
+    """
     if tp.weight_decay:
-        g = g.add(p, alpha=tp.weight_decay)
+        g.add_(p, alpha=tp.weight_decay)
     if tp.optimizer == "sgd":
         p.sub_(g, alpha=tp.lr)
         return
+    b1, b2 = ADAM_BETAS
     m.mul_(b1).add_(g, alpha=1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    shape = (-1,) + (1,) * (p.dim() - 1)
-    step_size = (tp.lr / (1 - b1 ** t)).view(shape)
-    bc2_sqrt = (1 - b2 ** t).sqrt().view(shape)
-    denom = (v.sqrt() / bc2_sqrt).add_(ADAM_EPS)
-    p.sub_(step_size * m / denom)
+    denom = torch.sqrt(v, out=denom) if denom is not None else v.sqrt()
+    denom.div_((1 - b2 ** t) ** 0.5).add_(ADAM_EPS)
+    p.addcdiv_(m, denom, value=-tp.lr / (1 - b1 ** t))
 
 
 def make_optimizer(tensors: list[torch.Tensor], tp: TrainParams) -> torch.optim.Optimizer:
@@ -185,6 +188,7 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
         adam = tp.optimizer == "adam"
         M = {k: torch.zeros_like(v) if adam else None for k, v in P.items()}
         V = {k: torch.zeros_like(v) if adam else None for k, v in P.items()}
+        D = {k: torch.empty_like(v) if adam else None for k, v in P.items()}  # scratch for Adam's denominator
         loss_tot = torch.zeros(m)
         for s in range(int(n_steps.max())):
             a = int((n_steps > s).sum())  # clients still training: a prefix of the stack
@@ -196,10 +200,10 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
             active = {k: P[k][:a] for k in names}
             g, loss = grad_fn(active, x, y, neg)
             loss_tot[:a] += loss
-            t = torch.full((a,), float(s + 1))
             with torch.no_grad():
-                for k in names:
-                    _step_(P[k][:a], g[k], M[k][:a] if adam else None, V[k][:a] if adam else None, t, tp)
+                for k in names:  # every client still training is at step s + 1
+                    _step_(P[k][:a], g[k], M[k][:a] if adam else None, V[k][:a] if adam else None, s + 1, tp,
+                           D[k][:a] if adam else None)
             steps += a
         w = pool.num_targets[torch.tensor(chunk)].to(torch.float32)
         for k in names:
@@ -220,27 +224,42 @@ def select_clients(num_users: int, fraction: float, rnd: int, seed: int) -> list
 
 
 class ServerOptimizer:
-    """Server step on the FedAvg result: θ ← θ + server_lr · buf, buf ← momentum · buf + (avg − θ).
+    """Server step on the FedAvg result, with Δ = avg − θ as the (negative) pseudo-gradient.
 
-    server_lr 1 and momentum 0 give plain FedAvg (θ ← avg). Only tensors that changed are stepped,
-    so frozen tensors stay bit-identical.
+    sgd:  buf ← momentum · buf + Δ;  θ ← θ + lr · buf   (lr 1, momentum 0: plain FedAvg, θ ← avg)
+    adam: FedAdam (Reddi et al., 2021): m ← β1 m + (1−β1) Δ;  v ← β2 v + (1−β2) Δ²;
+          θ ← θ + lr · m̂ / (√v̂ + ε) with bias correction.
+    Tensors whose Δ is exactly zero (frozen) are left bit-identical.
     """
 
-    def __init__(self, server_lr: float, momentum: float):
-        self.lr, self.momentum = server_lr, momentum
-        self.buf: dict[str, torch.Tensor] = {}
+    def __init__(self, kind: str = "sgd", lr: float = 1.0, momentum: float = 0.0, beta2: float = 0.999,
+                 eps: float = 1e-8):
+        if kind not in ("sgd", "adam"):
+            raise ValueError(f"server optimizer must be sgd or adam, got {kind!r}")
+        self.kind, self.lr, self.momentum, self.beta2, self.eps = kind, lr, momentum, beta2, eps
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+        self.t = 0
 
     def step(self, current: dict[str, torch.Tensor], averaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.lr == 1.0 and self.momentum == 0.0:
+        if self.kind == "sgd" and self.lr == 1.0 and self.momentum == 0.0:
             return averaged
+        self.t += 1
         out = {}
         for k, theta in current.items():
             delta = averaged[k] - theta
-            if not delta.any() and k not in self.buf:
+            if not delta.any() and k not in self.m:
                 out[k] = averaged[k]
                 continue
-            buf = self.buf.get(k)
-            buf = delta if buf is None else buf.mul_(self.momentum).add_(delta)
-            self.buf[k] = buf
-            out[k] = theta + self.lr * buf
+            if self.kind == "sgd":
+                m = self.m.get(k)
+                self.m[k] = m = delta.clone() if m is None else m.mul_(self.momentum).add_(delta)
+                out[k] = theta + self.lr * m
+                continue
+            b1 = self.momentum
+            m = self.m.setdefault(k, torch.zeros_like(delta)).mul_(b1).add_(delta, alpha=1 - b1)
+            v = self.v.setdefault(k, torch.zeros_like(delta)).mul_(self.beta2).addcmul_(delta, delta, value=1 - self.beta2)
+            m_hat = m / (1 - b1 ** self.t)
+            v_hat = v / (1 - self.beta2 ** self.t)
+            out[k] = theta + self.lr * m_hat / (v_hat.sqrt() + self.eps)
         return out

