@@ -43,19 +43,19 @@ class EvalParams:
 
 @dataclass
 class TrainParams:
-    rounds: int = 50
+    rounds: int = 100
     client_fraction: float = 0.1
     local_epochs: int = 1
-    batch_size: int = 8              # training windows (of max_seq_len positions) per local step
-    optimizer: str = "adam"          # client optimizer: adam | sgd (fresh each round)
-    lr: float = 1e-3
+    batch_size: int = 16             # training windows (of max_seq_len positions) per local step
+    optimizer: str = "sgd"           # client optimizer: sgd | adam (fresh each round)
+    lr: float = 0.05                 # client learning rate
     weight_decay: float = 0.0
-    server_optimizer: str = "sgd"    # sgd (FedAvg / FedAvgM) | adam (FedAdam) on the averaged client update
-    server_lr: float = 1.0           # server step size (sgd with 1.0 and momentum 0 = plain FedAvg)
-    server_momentum: float = 0.0     # sgd: FedAvgM momentum; adam: beta1
+    server_optimizer: str = "adam"   # adam (FedAdam) | sgd (FedAvg / FedAvgM) on the averaged client update
+    server_lr: float = 0.01          # server step size (sgd with 1.0 and momentum 0 = plain FedAvg)
+    server_momentum: float = 0.9     # sgd: FedAvgM momentum; adam: beta1
     num_negatives: int = 20          # sampled negatives per training position
     loss: str = "ce"                 # ce (sampled softmax) | bpr
-    patience: int = 10               # rounds without improvement before stopping
+    patience: int = 15               # rounds without improvement before stopping
     selection_metric: str = "full/NDCG@10"
     executor: str = "vectorized"     # vectorized | sequential (reference)
     clients_per_chunk: int = 128     # clients trained together in one vectorized call

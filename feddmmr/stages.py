@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .config import Params, TrainParams
 from .data import Prepared, load_prepared
@@ -76,29 +77,30 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
     history = {"round": [0], "train_loss": [None], "val": [val0], "clients": [0], "seconds": [0.0]}
     best_score, best_round = pick(val0, tp.selection_metric), 0
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    bar = tqdm(range(1, tp.rounds + 1), desc=stage, unit="round", disable=not progress, dynamic_ncols=True)
-    for rnd in bar:
-        t0 = time.perf_counter()
-        clients = select_clients(data.num_users, tp.client_fraction, rnd, tp.seed)
-        model.train()
-        result = executor(model, clients, pool, rnd, tp)
-        model.load_state_dict(server.step({k: v.detach() for k, v in model.state_dict().items()}, result.state))
-        val = evaluator.evaluate(model, "val")
-        seconds = time.perf_counter() - t0
-        score = pick(val, tp.selection_metric)
-        for key, value in (("round", rnd), ("train_loss", result.train_loss), ("val", val),
-                           ("clients", result.clients), ("seconds", seconds)):
-            history[key].append(value)
-        if score > best_score:
-            best_score, best_round = score, rnd
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        bar.set_postfix(loss=f"{result.train_loss:.3f}", **{tp.selection_metric: f"{score:.4f}"}, best=best_round)
-        log.info("%s round %d: loss %.4f val %s %.4f (%.1fs, %d clients)", stage, rnd, result.train_loss,
-                 tp.selection_metric, score, seconds, result.clients)
-        if rnd - best_round >= tp.patience:
-            log.info("%s: early stop at round %d (best round %d)", stage, rnd, best_round)
-            break
-    bar.close()
+    with logging_redirect_tqdm():
+        bar = tqdm(range(1, tp.rounds + 1), desc=stage, unit="round", disable=not progress, dynamic_ncols=True)
+        for rnd in bar:
+            t0 = time.perf_counter()
+            clients = select_clients(data.num_users, tp.client_fraction, rnd, tp.seed)
+            model.train()
+            result = executor(model, clients, pool, rnd, tp)
+            model.load_state_dict(server.step({k: v.detach() for k, v in model.state_dict().items()}, result.state))
+            val = evaluator.evaluate(model, "val")
+            seconds = time.perf_counter() - t0
+            score = pick(val, tp.selection_metric)
+            for key, value in (("round", rnd), ("train_loss", result.train_loss), ("val", val),
+                               ("clients", result.clients), ("seconds", seconds)):
+                history[key].append(value)
+            if score > best_score:
+                best_score, best_round = score, rnd
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            bar.set_postfix(loss=f"{result.train_loss:.3f}", **{tp.selection_metric: f"{score:.4f}"}, best=best_round)
+            log.info("%s round %d: loss %.4f val %s %.4f (%.1fs, %d clients)", stage, rnd, result.train_loss,
+                     tp.selection_metric, score, seconds, result.clients)
+            if rnd - best_round >= tp.patience:
+                log.info("%s: early stop at round %d (best round %d)", stage, rnd, best_round)
+                break
+        bar.close()
 
     model.load_state_dict(best_state)
     test = evaluator.evaluate(model, "test")
