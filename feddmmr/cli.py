@@ -19,6 +19,7 @@ Steps (each also a DVC stage in dvc.yaml):
   features  item features: `features text` (sentence-transformers) and `features visual` (open_clip)
   train     federated training of a stage (pretrain_sasrec)
   evaluate  evaluate a stage checkpoint (full ranking and 1+100 sampled negatives)
+  compare   the stages' metrics side by side, from MLflow
   make-demo write the small synthetic dataset used as the embedded default
 """
 
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/prepared", help="prepared data directory (default: data/prepared)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="split to evaluate (default: test)")
 
+    p = sub.add_parser("compare", help="stage metrics side by side (MLflow)",
+                       description="Print the best-validation and test metrics of every stage of a pipeline run, "
+                                   "read from the MLflow store (MLFLOW_TRACKING_URI, default sqlite:///mlruns.db).")
+    p.add_argument("--pipeline", help="pipeline key (tag feddmmr.pipeline_key; default: the latest pipeline run)")
+    p.add_argument("--protocol", default="full", choices=["full", "sampled"], help="evaluation protocol (default: full)")
+
     p = sub.add_parser("make-demo", help="write the synthetic demo dataset",
                        description="Write the deterministic synthetic interaction CSV used as the embedded default.")
     p.add_argument("--out", default="data/demo/interactions.csv", help="output CSV (default: data/demo/interactions.csv)")
@@ -89,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         from .demo import write_demo
         frame = write_demo(args.out, num_users=args.users, num_items=args.items, seed=args.seed)
         print(f"wrote {args.out}: {len(frame)} interactions, {frame.user.nunique()} users, {frame.item.nunique()} items")
+        return 0
+    if args.command == "compare":
+        from .tracking import compare
+        print(compare(args.pipeline, args.protocol))
         return 0
     params = load_params(args.params, args.overrides)
     if args.command == "prepare":

@@ -82,6 +82,11 @@ class VisualFeatureParams:
 
 
 @dataclass
+class TrackingParams:
+    enabled: bool = True             # MLflow runs (store: MLFLOW_TRACKING_URI or sqlite:///mlruns.db)
+
+
+@dataclass
 class Params:
     prepare: PrepareParams = field(default_factory=PrepareParams)
     model: ModelParams = field(default_factory=ModelParams)
@@ -89,6 +94,7 @@ class Params:
     features_text: TextFeatureParams = field(default_factory=TextFeatureParams)
     features_visual: VisualFeatureParams = field(default_factory=VisualFeatureParams)
     pretrain_sasrec: TrainParams = field(default_factory=TrainParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

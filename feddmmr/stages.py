@@ -26,6 +26,7 @@ from .federated import EXECUTORS, ClientPool, ServerOptimizer, select_clients
 from .io import atomic_dir, read_json, save_tensors, write_json
 from .metrics import Evaluator, pick
 from .model import SASRec
+from .tracking import StageRun, flatten
 
 log = logging.getLogger("feddmmr")
 STAGES = ("pretrain_sasrec",)
@@ -66,6 +67,23 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
     tp: TrainParams = getattr(params, stage)
     _check_train_params(tp, stage, params.evaluation.ks)
     data = load_prepared(data_dir)
+    meta = read_json(Path(data_dir) / "meta.json", "prepared-data metadata")
+    tracker = StageRun(stage, flatten({"model": asdict(params.model), stage: asdict(tp),
+                                       "evaluation": asdict(params.evaluation), "data": {"dir": str(data_dir)}}),
+                       meta, enabled=params.tracking.enabled)
+    try:
+        return _train(stage, params, tp, data, meta, data_dir, out_dir, metrics_path, progress, tracker)
+    except BaseException:
+        tracker.fail()
+        raise
+
+
+def _round_metrics(val: dict, prefix: str = "val") -> dict[str, float]:
+    return {f"{prefix}.{k}": v for k, v in flatten(val).items()}
+
+
+def _train(stage: str, params: Params, tp: TrainParams, data: Prepared, meta: dict, data_dir, out_dir, metrics_path,
+           progress: bool, tracker: StageRun) -> dict:
     torch.manual_seed(tp.seed)
     model = build_model(params, data)
     pool = ClientPool(data)
@@ -74,6 +92,7 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
     server = ServerOptimizer(tp.server_optimizer, tp.server_lr, tp.server_momentum)
 
     val0 = evaluator.evaluate(model, "val")
+    tracker.log_metrics(_round_metrics(val0), step=0)
     history = {"round": [0], "train_loss": [None], "val": [val0], "clients": [0], "seconds": [0.0]}
     best_score, best_round = pick(val0, tp.selection_metric), 0
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -94,6 +113,7 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
             if score > best_score:
                 best_score, best_round = score, rnd
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            tracker.log_metrics({"train_loss": result.train_loss, "round_seconds": seconds, **_round_metrics(val)}, rnd)
             bar.set_postfix(loss=f"{result.train_loss:.3f}", **{tp.selection_metric: f"{score:.4f}"}, best=best_round)
             log.info("%s round %d: loss %.4f val %s %.4f (%.1fs, %d clients)", stage, rnd, result.train_loss,
                      tp.selection_metric, score, seconds, result.clients)
@@ -104,7 +124,6 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
 
     model.load_state_dict(best_state)
     test = evaluator.evaluate(model, "test")
-    meta = read_json(Path(data_dir) / "meta.json", "prepared-data metadata")
     history["best_round"] = best_round
     history["test"] = test
     train_seconds = history["seconds"][1:]
@@ -132,6 +151,8 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
         write_json(tmp / "config.json", config)
         write_json(tmp / "train_history.json", history)
     write_json(metrics_path, metrics)
+    tracker.finish({"best_round": best_round, **_round_metrics(test, "test"), **_round_metrics(metrics["val"], "best_val")},
+                   [Path(out_dir) / "config.json", Path(out_dir) / "train_history.json", Path(metrics_path)], Path(out_dir))
     return metrics
 
 

@@ -1,0 +1,178 @@
+"""MLflow tracking: one parent run per pipeline run, one child run per training stage.
+
+The tracking store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///mlruns.db`` in the working
+directory. A pipeline run groups the stages trained on the same prepared data at the same git
+commit; ``FEDDMMR_PIPELINE_RUN`` (set by orchestrators) names it explicitly. The store is checked
+before training starts, so an unreachable server fails in seconds, not after an hour of training.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .errors import FeddmmrError
+
+log = logging.getLogger("feddmmr")
+DEFAULT_URI = "sqlite:///mlruns.db"
+EXPERIMENT = "feddmmr"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_store(uri: str) -> None:
+    """Fail fast, naming the URI and the fix, when the tracking store cannot be used."""
+    fix = "start the server (see README: MLflow) or unset MLFLOW_TRACKING_URI to use sqlite:///mlruns.db"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+                if resp.status != 200:
+                    raise FeddmmrError(f"MLflow tracking server {uri} answered HTTP {resp.status} on /health; {fix}")
+        except (urllib.error.URLError, OSError) as exc:
+            raise FeddmmrError(f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); {fix}") from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        parent = db.parent if str(db.parent) else Path(".")
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise FeddmmrError(f"MLflow store {uri}: folder {parent} is missing or not writable; "
+                               f"create it or set MLFLOW_TRACKING_URI")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def metric_name(name: str) -> str:
+    """MLflow metric names allow letters, digits, '_', '-', '.', ' ', '/': HR@10 -> HR_at_10."""
+    return name.replace("@", "_at_")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+class StageRun:
+    """The MLflow child run of one stage; a no-op when tracking is disabled."""
+
+    def __init__(self, stage: str, params_flat: dict[str, Any], data_meta: dict, enabled: bool = True):
+        self.enabled = enabled
+        self.run_id = None
+        if not enabled:
+            return
+        import mlflow
+        from mlflow.entities import Param
+
+        self.uri = tracking_uri()
+        check_store(self.uri)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        self.client = mlflow.MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        self.exp_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT)
+        commit = git_commit()
+        data_sha = hashlib.sha256(json.dumps(data_meta["source_sha256"], sort_keys=True).encode()).hexdigest()
+        key = os.environ.get("FEDDMMR_PIPELINE_RUN") or hashlib.sha256(f"{commit}:{data_sha}".encode()).hexdigest()[:16]
+        tags = {"feddmmr.pipeline_key": key, "git_commit": commit, "data_sha256": data_sha,
+                "data_source": str(data_meta.get("path", ""))}
+        flow_run = os.environ.get("PREFECT__FLOW_RUN_ID")
+        if flow_run:
+            tags["prefect_flow_run_id"] = flow_run
+        found = self.client.search_runs([self.exp_id], filter_string=f"tags.`feddmmr.pipeline_key` = '{key}'"
+                                        " and tags.`feddmmr.kind` = 'pipeline'", max_results=1)
+        if found:
+            self.parent_id = found[0].info.run_id
+        else:
+            self.parent_id = self.client.create_run(self.exp_id, run_name=f"pipeline-{key[:8]}",
+                                                    tags={**tags, "feddmmr.kind": "pipeline"}).info.run_id
+        run = self.client.create_run(self.exp_id, run_name=stage, tags={
+            **tags, "mlflow.parentRunId": self.parent_id, "feddmmr.kind": "stage", "feddmmr.stage": stage,
+            "dvc_stage": stage})
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in params_flat.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        log.info("MLflow: %s run %s (parent %s) in %s", stage, self.run_id, self.parent_id, self.uri)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+        ts = int(time.time() * 1000)
+        batch = [Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items() if v is not None]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def finish(self, final_metrics: dict[str, float], artifacts: list[Path], checkpoint: Path, status: str = "FINISHED") -> None:
+        if not self.enabled:
+            return
+        self.log_metrics(final_metrics, step=0)
+        for path in artifacts:
+            self.client.log_artifact(self.run_id, str(path))
+        weights = checkpoint / "model.safetensors"
+        if weights.is_file():
+            from .io import file_sha256
+            self.client.set_tag(self.run_id, "checkpoint", str(checkpoint.resolve()))
+            self.client.set_tag(self.run_id, "checkpoint_sha256", file_sha256(weights))
+        self.client.set_terminated(self.run_id, status)
+        self.client.set_terminated(self.parent_id, status)
+
+    def fail(self) -> None:
+        if self.enabled and self.run_id:
+            self.client.set_terminated(self.run_id, "FAILED")
+
+
+def compare(pipeline: str | None = None, protocol: str = "full") -> str:
+    """Test and best-validation metrics of a pipeline run's stages, side by side, as a text table."""
+    import mlflow
+
+    uri = tracking_uri()
+    check_store(uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        raise FeddmmrError(f"no '{EXPERIMENT}' experiment in {uri}; train a stage first (dvc repro)")
+    filt = "tags.`feddmmr.kind` = 'pipeline'" + (f" and tags.`feddmmr.pipeline_key` = '{pipeline}'" if pipeline else "")
+    parents = client.search_runs([exp.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"],
+                                 max_results=1)
+    if not parents:
+        raise FeddmmrError(f"no pipeline run {pipeline or ''} in {uri}; train a stage first (dvc repro)")
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    latest: dict[str, Any] = {}
+    for run in children:  # the latest run of each stage
+        latest[run.data.tags.get("feddmmr.stage", run.info.run_name)] = run
+    if not latest:
+        raise FeddmmrError(f"pipeline run {parent.info.run_id} has no stage runs yet")
+    stages = list(latest)
+    rows = ["best_round"] + [f"{split}.{protocol}.{m}" for split in ("best_val", "test")
+                             for m in ("HR_at_5", "HR_at_10", "HR_at_20", "NDCG_at_5", "NDCG_at_10", "NDCG_at_20", "MRR")]
+    width = max(len(r) for r in rows) + 2
+    lines = [f"pipeline {parent.data.tags.get('feddmmr.pipeline_key')} (run {parent.info.run_id}) in {uri}",
+             "metric".ljust(width) + "".join(s.rjust(18) for s in stages)]
+    for r in rows:
+        vals = []
+        for s in stages:
+            v = latest[s].data.metrics.get(r)
+            vals.append(("-" if v is None else (f"{int(v)}" if r == "best_round" else f"{v:.4f}")).rjust(18))
+        lines.append(r.ljust(width) + "".join(vals))
+    lines.append("status".ljust(width) + "".join(latest[s].info.status.rjust(18) for s in stages))
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""MLflow tracking against real stores: a sqlite file and a real `mlflow server` on 127.0.0.1."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import tiny_params
+from feddmmr.errors import FeddmmrError
+from feddmmr.stages import train_stage
+from feddmmr.tracking import compare
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _runs(uri):
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("feddmmr")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("feddmmr.kind") == "pipeline"]
+    children = [r for r in runs if r.data.tags.get("feddmmr.kind") == "stage"]
+    return client, parents, children
+
+
+def _check_stage_run(uri, rounds):
+    client, parents, children = _runs(uri)
+    assert len(parents) == 1 and len(children) == 1
+    child = children[0]
+    assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert child.data.tags["feddmmr.stage"] == "pretrain_sasrec" and child.info.status == "FINISHED"
+    assert child.data.tags["data_sha256"] and "checkpoint_sha256" in child.data.tags
+    assert child.data.params["pretrain_sasrec.rounds"] == str(rounds)
+    history = client.get_metric_history(child.info.run_id, "val.full.NDCG_at_10")
+    assert sorted(m.step for m in history) == list(range(rounds + 1))  # round 0 .. rounds
+    assert "test.sampled.HR_at_10" in child.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"config.json", "train_history.json"} <= artifacts
+    return child
+
+
+def test_stage_run_in_sqlite_store_and_compare(tiny_prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = tiny_params(rounds=2)
+    metrics = train_stage("pretrain_sasrec", params, tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False)
+    child = _check_stage_run(uri, 2)
+    assert child.data.metrics["test.full.HR_at_10"] == pytest.approx(metrics["test"]["full"]["HR@10"])
+    table = compare()
+    assert "pretrain_sasrec" in table and f"{metrics['test']['full']['HR@10']:.4f}" in table
+
+
+def test_unreachable_server_fails_before_training(tiny_prepared, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    start = time.perf_counter()
+    with pytest.raises(FeddmmrError, match="unreachable"):
+        train_stage("pretrain_sasrec", tiny_params(), tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False)
+    assert time.perf_counter() - start < 30
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_tracking_can_be_disabled(tiny_prepared, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    params = tiny_params(rounds=1)
+    params.tracking.enabled = False
+    train_stage("pretrain_sasrec", params, tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False)
+    assert (tmp_path / "m.json").is_file()
+
+
+@pytest.mark.slow
+def test_real_mlflow_server(tiny_prepared, tmp_path, monkeypatch):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("mlflow server did not start within 120 s")
+                time.sleep(1)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.chdir(tmp_path)
+        train_stage("pretrain_sasrec", tiny_params(rounds=2), tiny_prepared, tmp_path / "ck", tmp_path / "m.json",
+                    progress=False)
+        _check_stage_run(uri, 2)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
