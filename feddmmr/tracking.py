@@ -176,3 +176,56 @@ def compare(pipeline: str | None = None, protocol: str = "full") -> str:
         lines.append(r.ljust(width) + "".join(vals))
     lines.append("status".ljust(width) + "".join(latest[s].info.status.rjust(18) for s in stages))
     return "\n".join(lines)
+
+
+def module_of(name: str) -> str:
+    """Group a tensor name into its module: blocks.0.attn.qkv.weight -> blocks.0.attn, item_emb.weight -> item_emb."""
+    parts = name.split(".")
+    if parts[0] == "blocks" and len(parts) > 2:
+        return ".".join(parts[:3])
+    return parts[0]
+
+
+def stage_diff(prev_ckpt: str | Path, ckpt: str | Path) -> dict:
+    """What a stage changed relative to the previous stage's checkpoint.
+
+    config: every flattened config key whose value differs (old -> new);
+    modules: per module, L2 norm of the weight change, change relative to the old norm, changed yes/no
+    (exact comparison, so a frozen module reports changed = false), plus tensors added or dropped.
+    """
+    from .io import load_tensors, read_json
+
+    fix = "re-run the stage that writes it (`dvc repro`)"
+    old_cfg = flatten(read_json(Path(prev_ckpt) / "config.json", "checkpoint config"))
+    new_cfg = flatten(read_json(Path(ckpt) / "config.json", "checkpoint config"))
+    config = {k: [old_cfg.get(k), new_cfg.get(k)] for k in sorted(set(old_cfg) | set(new_cfg))
+              if old_cfg.get(k) != new_cfg.get(k)}
+    old = load_tensors(Path(prev_ckpt) / "model.safetensors", "checkpoint weights", fix)
+    new = load_tensors(Path(ckpt) / "model.safetensors", "checkpoint weights", fix)
+    modules: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(old) & set(new)):
+        if old[name].shape != new[name].shape:
+            continue
+        m = modules.setdefault(module_of(name), {"tensors": 0, "sq_delta": 0.0, "sq_old": 0.0, "changed": False})
+        d = (new[name].double() - old[name].double())
+        m["tensors"] += 1
+        m["sq_delta"] += float((d * d).sum())
+        m["sq_old"] += float((old[name].double() ** 2).sum())
+        m["changed"] |= not bool((new[name] == old[name]).all())
+    for m in modules.values():
+        m["l2_delta"] = m.pop("sq_delta") ** 0.5
+        old_norm = m.pop("sq_old") ** 0.5
+        m["relative_delta"] = m["l2_delta"] / old_norm if old_norm else None
+    return {"previous": str(prev_ckpt), "current": str(ckpt), "config": config, "modules": modules,
+            "added": sorted(set(new) - set(old)), "dropped": sorted(set(old) - set(new)),
+            "reshaped": sorted(k for k in set(old) & set(new) if old[k].shape != new[k].shape)}
+
+
+def format_diff(diff: dict) -> str:
+    lines = [f"{'module':28s} {'changed':>8s} {'L2 delta':>12s} {'relative':>10s}"]
+    for name, m in diff["modules"].items():
+        rel = "-" if m["relative_delta"] is None else f"{m['relative_delta']:.4f}"
+        lines.append(f"{name:28s} {('yes' if m['changed'] else 'no'):>8s} {m['l2_delta']:12.4f} {rel:>10s}")
+    for key, (a, b) in diff["config"].items():
+        lines.append(f"config {key}: {a!r} -> {b!r}")
+    return "\n".join(lines)
