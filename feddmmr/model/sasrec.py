@@ -97,4 +97,4 @@ class SASRec(nn.Module):
 
 def score_items(item_weight: torch.Tensor, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Dot products of h [..., d] with the embeddings of candidate items [..., C] -> [..., C]."""
-    return (F.embedding(items, item_weight) * h.unsqueeze(-2)).sum(-1)
+    return (F.embedding(items, item_weight) @ h.unsqueeze(-1)).squeeze(-1)  # [..., C, d] @ [..., d, 1]
