@@ -121,3 +121,11 @@ def test_real_ml1m_posters_with_tiny_clip(tmp_path):
     assert report["covered"] >= 0.99 * data.num_items
     feats, mask = load_features(tmp_path / "vis", data.num_items, 32)
     assert torch.allclose(feats[mask].norm(dim=1), torch.ones(int(mask.sum())), atol=1e-4)
+
+
+@pytest.mark.realdata
+def test_real_ml1m_plots_and_dbpedia_abstracts_parse():
+    plots = read_descriptions(shared("text/ml1m_movies_extrainfos_MeLU.dat"))
+    assert len(plots) >= 3600 and "toys" in plots[1].lower()  # Toy Story's plot
+    abstracts = read_descriptions(shared("text/ml1m_dbpedia_abstracts.json"))
+    assert len(abstracts) >= 3300
