@@ -39,22 +39,22 @@ COLUMN_ALIASES = {
 # Ingest
 # ----------------------------------------------------------------------------------------------
 
-def _read_member(path: Path, member: str, encoding: str) -> tuple[str, Path]:
-    """Text of ``member`` from a folder, a zip archive or the file itself."""
+def read_member(path: Path, member: str, encoding: str, setting: str = "prepare.path") -> tuple[str, Path]:
+    """Text of ``member`` from a folder, a zip archive or the file itself; errors name ``setting`` as the fix."""
     if path.is_dir():
         f = path / member
         if not f.is_file():
-            raise FeddmmrError(f"{f} not found; point prepare.path at the folder or zip that holds {member}")
+            raise FeddmmrError(f"{f} not found; point {setting} at the folder or zip that holds {member}")
         return f.read_bytes().decode(encoding), f
     if path.is_file() and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             names = [n for n in zf.namelist() if n.split("/")[-1] == member]
             if not names:
-                raise FeddmmrError(f"{path} has no {member}; pass the official archive (e.g. ml-1m.zip)")
+                raise FeddmmrError(f"{path} has no {member}; point {setting} at the official archive (e.g. ml-1m.zip)")
             return zf.read(sorted(names, key=len)[0]).decode(encoding), path
     if path.is_file():
         return path.read_bytes().decode(encoding), path
-    raise FeddmmrError(f"input not found: {path}; set prepare.path to the dataset folder, zip or file")
+    raise FeddmmrError(f"input not found: {path}; set {setting} to the dataset folder, zip or file")
 
 
 def _parse_numeric(frame: pd.DataFrame, cols: list[str], source: Path, fmt: str) -> pd.DataFrame:
@@ -86,13 +86,13 @@ def _read_delimited(text: str, sep: str, names: list[str], source: Path, fmt: st
 
 def read_ml1m(path: Path) -> pd.DataFrame:
     fmt = "UserID::MovieID::Rating::Timestamp"
-    text, source = _read_member(path, "ratings.dat", "latin-1")
+    text, source = read_member(path, "ratings.dat", "latin-1")
     return _read_delimited(text.replace("::", "\t"), "\t", ["user", "item", "rating", "timestamp"], source, fmt)
 
 
 def read_ml100k(path: Path) -> pd.DataFrame:
     fmt = "tab-separated user item rating timestamp (u.data)"
-    text, source = _read_member(path, "u.data", "latin-1")
+    text, source = read_member(path, "u.data", "latin-1")
     return _read_delimited(text, "\t", ["user", "item", "rating", "timestamp"], source, fmt)
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import PrepareParams, TextFeatureParams, VisualFeatureParams
-from .data import load_prepared
+from .data import load_prepared, read_member
 from .errors import FeddmmrError
 from .io import atomic_dir, file_sha256, load_tensors, save_tensors, write_json
 
@@ -41,20 +40,7 @@ def _device(name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def _read_text(path: Path, member: str, encoding: str) -> tuple[str, Path]:
-    if path.is_dir():
-        f = path / member
-        if not f.is_file():
-            raise FeddmmrError(f"{f} not found; set features_text.movies to the item metadata file")
-        return f.read_bytes().decode(encoding), f
-    if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if n.split("/")[-1] == member]
-            if not names:
-                raise FeddmmrError(f"{path} has no {member}; set features_text.movies to the item metadata file")
-            return zf.read(names[0]).decode(encoding), path
-    if path.is_file():
-        return path.read_bytes().decode(encoding), path
-    raise FeddmmrError(f"item metadata not found: {path}; set features_text.movies")
+    return read_member(path, member, encoding, setting="features_text.movies")
 
 
 def read_item_metadata(prep: PrepareParams, movies: str = "") -> tuple[dict[int, str], list[Path]]:
