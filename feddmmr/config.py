@@ -58,6 +58,7 @@ class TrainParams:
     patience: int = 15               # rounds without improvement before stopping
     selection_metric: str = "full/NDCG@10"
     executor: str = "vectorized"     # vectorized | sequential (reference)
+    device: str = "auto"             # auto (cuda when available) | cpu | cuda
     clients_per_chunk: int = 8       # clients trained together in one vectorized call (8 is fastest on a 2-core CPU)
     seed: int = 42
 

@@ -143,6 +143,7 @@ def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPoo
                            trainable: set[str] | None = None) -> RoundResult:
     """Reference executor: one client at a time, nn.Module copy + torch.optim.Adam, then FedAvg."""
     global_params, names = _split_params(model, trainable)
+    device = next(iter(global_params.values())).device
     acc = {k: torch.zeros_like(global_params[k]) for k in names}
     total_w, loss_sum, steps = 0.0, 0.0, 0
     for u in clients:
@@ -151,7 +152,7 @@ def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPoo
         losses = []
         for b in pool.plan(u, rnd, tp):
             opt.zero_grad()
-            loss = batch_loss(model, local, b.x, b.y, b.neg, tp.loss)
+            loss = batch_loss(model, local, b.x.to(device), b.y.to(device), b.neg.to(device), tp.loss)
             loss.backward()
             opt.step()
             losses.append(loss.item())
@@ -168,6 +169,7 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
                            trainable: set[str] | None = None) -> RoundResult:
     """All clients of the round trained together (in chunks of ``clients_per_chunk``), then FedAvg."""
     global_params, names = _split_params(model, trainable)
+    device = next(iter(global_params.values())).device
     frozen = {k: v for k, v in global_params.items() if k not in names}
 
     def client_loss(train_p, x, y, neg):
@@ -189,14 +191,14 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
         M = {k: torch.zeros_like(v) if adam else None for k, v in P.items()}
         V = {k: torch.zeros_like(v) if adam else None for k, v in P.items()}
         D = {k: torch.empty_like(v) if adam else None for k, v in P.items()}  # scratch for Adam's denominator
-        loss_tot = torch.zeros(m)
+        loss_tot = torch.zeros(m, device=device)
         for s in range(int(n_steps.max())):
             a = int((n_steps > s).sum())  # clients still training: a prefix of the stack
             batches = [plans[i][s] for i in range(a)]
             rows = max(len(b.x) for b in batches)
-            x = _pad_stack([b.x for b in batches], rows)
-            y = _pad_stack([b.y for b in batches], rows)
-            neg = _pad_stack([b.neg for b in batches], rows)
+            x = _pad_stack([b.x for b in batches], rows).to(device)
+            y = _pad_stack([b.y for b in batches], rows).to(device)
+            neg = _pad_stack([b.neg for b in batches], rows).to(device)
             active = {k: P[k][:a] for k in names}
             g, loss = grad_fn(active, x, y, neg)
             loss_tot[:a] += loss
@@ -205,11 +207,11 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
                     _step_(P[k][:a], g[k], M[k][:a] if adam else None, V[k][:a] if adam else None, s + 1, tp,
                            D[k][:a] if adam else None)
             steps += a
-        w = pool.num_targets[torch.tensor(chunk)].to(torch.float32)
+        w = pool.num_targets[torch.tensor(chunk)].to(device=device, dtype=torch.float32)
         for k in names:
             acc[k].add_(torch.tensordot(w, P[k], dims=1))
         total_w += float(w.sum())
-        loss_sum += float((w * loss_tot / n_steps).sum())
+        loss_sum += float((w * loss_tot / n_steps.to(device)).sum())
     return RoundResult(_average(acc, total_w, global_params, names), loss_sum / total_w, len(clients), steps)
 
 

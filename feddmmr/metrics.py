@@ -41,20 +41,21 @@ class Evaluator:
     @torch.no_grad()
     def ranks(self, model: torch.nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, target, h_rows, h_cols = self.splits[split]
+        device = next(model.parameters(), torch.empty(0)).device
         was_training = model.training
         model.eval()
         full, sampled = [], []
         for lo in range(0, len(x), self.batch_size):
             hi = min(lo + self.batch_size, len(x))
-            h = model.encode(x[lo:hi])[:, -1]                           # [b, d] most recent position
+            h = model.encode(x[lo:hi].to(device))[:, -1]                # [b, d] most recent position
             scores = model.score_all(h)                                 # [b, I], column j = item j+1
-            pos = scores.gather(1, (target[lo:hi] - 1).unsqueeze(1))    # [b, 1]
+            pos = scores.gather(1, (target[lo:hi].to(device) - 1).unsqueeze(1))  # [b, 1]
             sel = (h_rows >= lo) & (h_rows < hi)
-            scores[h_rows[sel] - lo, h_cols[sel] - 1] = float("-inf")   # known history never competes
-            full.append((scores >= pos).sum(1))                         # target counts itself: rank >= 1
+            scores[(h_rows[sel] - lo).to(device), (h_cols[sel] - 1).to(device)] = float("-inf")  # history never competes
+            full.append((scores >= pos).sum(1).cpu())                   # target counts itself: rank >= 1
             if self.negatives.shape[1]:
-                neg = model.score(h, self.negatives[lo:hi])             # [b, N]
-                sampled.append(1 + (neg >= pos).sum(1))
+                neg = model.score(h, self.negatives[lo:hi].to(device))  # [b, N]
+                sampled.append((1 + (neg >= pos).sum(1)).cpu())
         model.train(was_training)
         full_r = torch.cat(full)
         sampled_r = torch.cat(sampled) if sampled else torch.zeros(0)

@@ -38,6 +38,16 @@ def build_model(params: Params, data: Prepared) -> SASRec:
                   heads=mp.heads, ffn_hidden=mp.ffn_hidden, dropout=mp.dropout)
 
 
+def resolve_device(name: str, stage: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise FeddmmrError(f"{stage}.device must be auto, cpu or cuda[:N], got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FeddmmrError(f"{stage}.device is {name} but no CUDA device is available; set {stage}.device: auto or cpu")
+    return torch.device(name)
+
+
 def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
     if tp.executor not in EXECUTORS:
         raise FeddmmrError(f"{stage}.executor must be one of {', '.join(EXECUTORS)}, got {tp.executor!r}")
@@ -85,7 +95,8 @@ def _round_metrics(val: dict, prefix: str = "val") -> dict[str, float]:
 def _train(stage: str, params: Params, tp: TrainParams, data: Prepared, meta: dict, data_dir, out_dir, metrics_path,
            progress: bool, tracker: StageRun) -> dict:
     torch.manual_seed(tp.seed)
-    model = build_model(params, data)
+    device = resolve_device(tp.device, stage)
+    model = build_model(params, data).to(device)
     pool = ClientPool(data)
     evaluator = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size)
     executor = EXECUTORS[tp.executor]
@@ -95,7 +106,7 @@ def _train(stage: str, params: Params, tp: TrainParams, data: Prepared, meta: di
     tracker.log_metrics(_round_metrics(val0), step=0)
     history = {"round": [0], "train_loss": [None], "val": [val0], "clients": [0], "seconds": [0.0]}
     best_score, best_round = pick(val0, tp.selection_metric), 0
-    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     with logging_redirect_tqdm():
         bar = tqdm(range(1, tp.rounds + 1), desc=stage, unit="round", disable=not progress, dynamic_ncols=True)
         for rnd in bar:
@@ -112,7 +123,7 @@ def _train(stage: str, params: Params, tp: TrainParams, data: Prepared, meta: di
                 history[key].append(value)
             if score > best_score:
                 best_score, best_round = score, rnd
-                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             tracker.log_metrics({"train_loss": result.train_loss, "round_seconds": seconds, **_round_metrics(val)}, rnd)
             bar.set_postfix(loss=f"{result.train_loss:.3f}", **{tp.selection_metric: f"{score:.4f}"}, best=best_round)
             log.info("%s round %d: loss %.4f val %s %.4f (%.1fs, %d clients)", stage, rnd, result.train_loss,

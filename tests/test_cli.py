@@ -70,3 +70,13 @@ def test_corrupt_checkpoint_is_reported_with_the_file(tmp_path, tiny_prepared):
     (ckpt / "config.json").write_text(json.dumps({"num_items": 3, "max_seq_len": 10}))
     r = feddmmr("evaluate", "--checkpoint", str(ckpt), "--data", str(tiny_prepared), cwd=tmp_path)
     assert r.returncode == 2 and str(ckpt) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cuda_device_without_gpu_is_a_clear_error(tmp_path, tiny_prepared):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the error path cannot be exercised")
+    r = feddmmr("train", "--data", str(tiny_prepared), "--out", str(tmp_path / "ck"), "-S", "pretrain_sasrec.device=cuda",
+                cwd=tmp_path)
+    assert r.returncode == 2 and "no CUDA device is available" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "ck").exists()
