@@ -1,0 +1,55 @@
+"""The Prefect pipeline flow under prefect_test_harness, on tiny data in a scratch project."""
+import json
+import shutil
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def project(tmp_path):
+    shutil.copytree(REPO / "data" / "demo", tmp_path / "data" / "demo")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"].update(top_k_users=40, eval_negatives=30)
+    params["model"].update(hidden=16, heads=2, ffn_hidden=16, blocks=1)
+    params["pretrain_sasrec"].update(rounds=2, client_fraction=0.5, num_negatives=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return tmp_path
+
+
+def test_pipeline_flow_runs_every_step_and_tags_mlflow(harness, project, monkeypatch):
+    import mlflow
+
+    from flows.pipeline import pipeline
+    monkeypatch.delenv("FEDDMMR_PIPELINE_RUN", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns.db'}")
+    state = pipeline(str(project), overrides=["pretrain_sasrec.rounds=1"], return_state=True)
+    assert state.is_completed()
+    result = state.result()
+    assert set(result) == {"prepare", "features_text", "features_visual", "pretrain_sasrec"}
+    assert result["prepare"]["num_users"] == 40 and result["features_text"]["covered"] == result["prepare"]["num_items"]
+    metrics = json.loads((project / "metrics" / "pretrain_sasrec.json").read_text())
+    assert metrics["rounds_run"] == 1  # the override reached the stage
+    assert (project / "checkpoints" / "pretrain_sasrec" / "model.safetensors").is_file()
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("feddmmr").experiment_id])
+    flow_run_id = str(state.state_details.flow_run_id)
+    assert runs and all(r.data.tags["feddmmr.pipeline_key"] == flow_run_id for r in runs)
+    assert any(r.data.tags.get("prefect_flow_run_id") == flow_run_id for r in runs)
+
+
+def test_bad_parameter_fails_the_flow_without_retries(harness, project):
+    from flows.pipeline import pipeline
+    from feddmmr.errors import FeddmmrError
+    with pytest.raises(FeddmmrError, match="unknown key prepare.nope"):
+        pipeline(str(project), overrides=["prepare.nope=1"])
+    assert not (project / "data" / "prepared").exists()
