@@ -70,6 +70,17 @@ def test_deployment_run_through_the_api_completes_the_pipeline(tmp_path):
         assert metrics["rounds_run"] == 2
         assert (project / "features" / "text" / "features.safetensors").is_file()
         assert (project / "checkpoints" / "pretrain_sasrec" / "model.safetensors").is_file()
+
+        # the GPU deployment for the Docker work pool is accepted as declared (running it needs the image and a GPU)
+        prefect("work-pool", "create", "feddmmr-docker", "--type", "docker")
+        prefect("deploy", "--name", "docker-gpu")
+        deployments = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/deployments/filter", data=b"{}", method="POST",
+            headers={"Content-Type": "application/json"}), timeout=10).read())
+        gpu = next(d for d in deployments if d["name"] == "docker-gpu")
+        assert gpu["work_pool_name"] == "feddmmr-docker"
+        assert gpu["job_variables"]["container_create_kwargs"]["device_requests"][0]["Capabilities"] == [["gpu"]]
+        assert gpu["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/opt/feddmmr"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
