@@ -53,3 +53,30 @@ def test_bad_parameter_fails_the_flow_without_retries(harness, project):
     with pytest.raises(FeddmmrError, match="unknown key prepare.nope"):
         pipeline(str(project), overrides=["prepare.nope=1"])
     assert not (project / "data" / "prepared").exists()
+
+
+def test_flow_and_dvc_repro_produce_the_same_results(harness, project, tmp_path, monkeypatch):
+    """The same params through `dvc repro` and through the flow give identical metrics and features."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flows.pipeline import pipeline
+    twin = tmp_path / "dvc-twin"
+    shutil.copytree(project, twin)
+    shutil.copytree(REPO / "feddmmr", twin / "feddmmr", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", twin)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{twin / 'mlruns.db'}"}
+    for args in (["init", "--no-scm", "-q"], ["repro", "-q"]):
+        r = subprocess.run([str(bin_dir / "dvc"), *args], cwd=twin, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns.db'}")
+    assert pipeline(str(project), return_state=True).is_completed()
+    flow_metrics = json.loads((project / "metrics" / "pretrain_sasrec.json").read_text())
+    dvc_metrics = json.loads((twin / "metrics" / "pretrain_sasrec.json").read_text())
+    assert flow_metrics["test"] == dvc_metrics["test"] and flow_metrics["best_round"] == dvc_metrics["best_round"]
+    for rel in ("features/text/features.safetensors", "data/prepared/sequences.npz"):
+        assert (project / rel).read_bytes() == (twin / rel).read_bytes(), rel
