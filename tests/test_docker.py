@@ -26,6 +26,9 @@ def test_compose_file_declares_the_stack():
     worker = compose["services"]["worker"]
     assert worker["environment"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow")
     assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    cpu = compose["services"]["worker-cpu"]
+    assert cpu["profiles"] == ["cpu"] and "deploy" not in cpu
+    assert "--allowed-hosts" in compose["services"]["mlflow"]["entrypoint"]  # workers reach it as http://mlflow:5000
 
 
 def test_dockerignore_keeps_the_context_small():
