@@ -51,6 +51,23 @@ def train_task(stage: str, params_file: str, overrides: list[str]) -> dict:
                        f"metrics/{stage}.json", progress=False)
 
 
+@contextlib.contextmanager
+def _run_env(flow_run_id: str | None):
+    """Name the MLflow pipeline run after the flow run for the duration of the flow."""
+    keys = ("FEDDMMR_PIPELINE_RUN", "PREFECT__FLOW_RUN_ID")
+    saved = {k: os.environ.get(k) for k in keys}
+    if flow_run_id:
+        os.environ.update({k: flow_run_id for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @flow(name="feddmmr-pipeline", log_prints=True)
 def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides: list[str] | None = None,
              steps: list[str] | None = None) -> dict:
@@ -68,11 +85,8 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides
     if unknown:
         raise FeddmmrError(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
     load_params(Path(project_dir) / params_file, overrides)  # validate before any work
-    if flow_run.id:
-        os.environ["FEDDMMR_PIPELINE_RUN"] = str(flow_run.id)
-        os.environ["PREFECT__FLOW_RUN_ID"] = str(flow_run.id)
     results: dict = {}
-    with contextlib.chdir(project_dir):
+    with contextlib.chdir(project_dir), _run_env(str(flow_run.id) if flow_run.id else None):
         if "prepare" in steps:
             results["prepare"] = prepare_task(params_file, overrides)
             print(f"prepared: {results['prepare']['num_users']} users, {results['prepare']['num_items']} items")
