@@ -48,3 +48,39 @@ def tiny_params(**train) -> Params:
     for k, v in train.items():
         setattr(t, k, v)
     return p
+
+
+def write_tiny_project(root: Path, top_k_users: int = 40, eval_negatives: int = 30) -> Path:
+    """A scratch project: the demo data and the project's params.yaml with a tiny model and 2 rounds."""
+    import shutil
+
+    import yaml
+    shutil.copytree(REPO / "data" / "demo", root / "data" / "demo")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"].update(top_k_users=top_k_users, eval_negatives=eval_negatives)
+    params["model"].update(hidden=16, heads=2, ffn_hidden=16, blocks=1)
+    params["pretrain_sasrec"].update(rounds=2, client_fraction=0.5, num_negatives=4)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc, what: str, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers; fail the test if ``proc`` exits or ``timeout`` passes."""
+    import time
+    import urllib.request
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                pytest.fail(f"{what} did not start within {timeout:.0f} s")
+            time.sleep(1)

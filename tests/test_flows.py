@@ -3,9 +3,8 @@ import json
 import shutil
 
 import pytest
-import yaml
 
-from conftest import REPO
+from conftest import REPO, write_tiny_project
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +16,7 @@ def harness():
 
 @pytest.fixture()
 def project(tmp_path):
-    shutil.copytree(REPO / "data" / "demo", tmp_path / "data" / "demo")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["prepare"].update(top_k_users=40, eval_negatives=30)
-    params["model"].update(hidden=16, heads=2, ffn_hidden=16, blocks=1)
-    params["pretrain_sasrec"].update(rounds=2, client_fraction=0.5, num_negatives=4)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return tmp_path
+    return write_tiny_project(tmp_path)
 
 
 def test_pipeline_flow_runs_every_step_and_tags_mlflow(harness, project, monkeypatch):

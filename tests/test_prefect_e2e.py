@@ -2,43 +2,29 @@
 work pool, a run triggered through the API and executed by a worker, on tiny data."""
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO
+from conftest import REPO, free_port, wait_for_http, write_tiny_project
 
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_deployment_run_through_the_api_completes_the_pipeline(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "FEDDMMR_PROJECT_DIR": str(REPO),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
     env.pop("FEDDMMR_PIPELINE_RUN", None)
     project = tmp_path / "project"
-    shutil.copytree(REPO / "data" / "demo", project / "data" / "demo")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["prepare"].update(top_k_users=40, eval_negatives=30)
-    params["model"].update(hidden=16, heads=2, ffn_hidden=16, blocks=1)
-    params["pretrain_sasrec"].update(rounds=2, client_fraction=0.5, num_negatives=4)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    project.mkdir()
+    write_tiny_project(project)
 
     def prefect(*args, timeout=180):
         r = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=REPO, env=env, capture_output=True,
@@ -49,15 +35,7 @@ def test_deployment_run_through_the_api_completes_the_pipeline(tmp_path):
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.fail("prefect server did not start within 120 s")
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/api/health", server, "prefect server")
         prefect("work-pool", "create", "feddmmr-process", "--type", "process")
         prefect("deploy", "--name", "process")
         out = prefect("deployment", "run", "feddmmr-pipeline/process", "-p", f"project_dir={project}")

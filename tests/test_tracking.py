@@ -1,26 +1,18 @@
 """MLflow tracking against real stores: a sqlite file and a real `mlflow server` on 127.0.0.1."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import tiny_params
+from conftest import free_port, tiny_params, wait_for_http
 from feddmmr.errors import FeddmmrError
 from feddmmr.stages import train_stage
 from feddmmr.tracking import compare
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _runs(uri):
@@ -61,7 +53,7 @@ def test_stage_run_in_sqlite_store_and_compare(tiny_prepared, tmp_path, monkeypa
 
 
 def test_unreachable_server_fails_before_training(tiny_prepared, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     start = time.perf_counter()
     with pytest.raises(FeddmmrError, match="unreachable"):
         train_stage("pretrain_sasrec", tiny_params(), tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False)
@@ -70,7 +62,7 @@ def test_unreachable_server_fails_before_training(tiny_prepared, tmp_path, monke
 
 
 def test_tracking_can_be_disabled(tiny_prepared, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     params = tiny_params(rounds=1)
     params.tracking.enabled = False
     train_stage("pretrain_sasrec", params, tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False)
@@ -79,7 +71,7 @@ def test_tracking_can_be_disabled(tiny_prepared, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_real_mlflow_server(tiny_prepared, tmp_path, monkeypatch):
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen(
@@ -89,15 +81,7 @@ def test_real_mlflow_server(tiny_prepared, tmp_path, monkeypatch):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("mlflow server did not start within 120 s")
-                time.sleep(1)
+        wait_for_http(f"{uri}/health", proc, "mlflow server")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.chdir(tmp_path)
         train_stage("pretrain_sasrec", tiny_params(rounds=2), tiny_prepared, tmp_path / "ck", tmp_path / "m.json",
