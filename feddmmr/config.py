@@ -8,11 +8,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import FeddmmrError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -99,6 +102,19 @@ class Params:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def resolve_device(name: str, section: str) -> torch.device:
+    """auto -> cuda when available, else cpu; asking for cuda without a device is an error naming the setting."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise FeddmmrError(f"{section}.device must be auto, cpu or cuda[:N], got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FeddmmrError(f"{section}.device is {name} but no CUDA device is available; set {section}.device: auto or cpu")
+    return torch.device(name)
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:

@@ -155,6 +155,7 @@ class Prepared:
     user_raw: np.ndarray       # [U] raw user id of user index u
     item_raw: np.ndarray       # [I] raw item id of item index i+1
     max_seq_len: int
+    meta: dict                 # meta.json: source, hashes, counts, parameters
 
     @property
     def num_users(self) -> int:
@@ -280,7 +281,7 @@ def load_prepared(data_dir: str | Path) -> Prepared:
         raise FeddmmrError(f"{data_dir}: id maps do not match sequences.npz; {fix}")
     return Prepared(items=items, offsets=offsets, eval_negatives=negatives,
                     user_raw=users["raw_user"].to_numpy(), item_raw=item_map["raw_item"].to_numpy(),
-                    max_seq_len=int(meta["params"]["max_seq_len"]))
+                    max_seq_len=int(meta["params"]["max_seq_len"]), meta=meta)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,19 +20,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import PrepareParams, TextFeatureParams, VisualFeatureParams
+from .config import PrepareParams, TextFeatureParams, VisualFeatureParams, resolve_device
 from .data import load_prepared, read_member
 from .errors import FeddmmrError
 from .io import atomic_dir, file_sha256, load_tensors, save_tensors, write_json
 
 log = logging.getLogger("feddmmr")
 BUNDLED_MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +139,7 @@ def extract_text(prep: PrepareParams, tp: TextFeatureParams, data_dir: str | Pat
         if parts:
             texts.append(" ".join(parts))
             rows.append(idx)
-    model = load_text_model(tp.model, _device(tp.device))
+    model = load_text_model(tp.model, str(resolve_device(tp.device, "features_text")))
     dim = model.get_embedding_dimension()
     feats = torch.zeros(data.num_items + 1, dim)
     mask = torch.zeros(data.num_items + 1, dtype=torch.bool)
@@ -218,7 +212,6 @@ def extract_visual(vp: VisualFeatureParams, data_dir: str | Path, out_dir: str |
 
     data = load_prepared(data_dir)
     t0 = time.perf_counter()
-    feats_dim = None
     report: dict = {"modality": "visual", "model": vp.model, "pretrained": vp.pretrained, "items": data.num_items,
                     "params": asdict(vp)}
     if not vp.images:
@@ -237,7 +230,7 @@ def extract_visual(vp: VisualFeatureParams, data_dir: str | Path, out_dir: str |
     for f in sorted(folder.iterdir()):
         if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") and f.stem.isdigit():
             found.setdefault(int(f.stem), f)
-    device = _device(vp.device)
+    device = str(resolve_device(vp.device, "features_visual"))
     model, preprocess = load_clip(vp.model, vp.pretrained, device)
     rows, paths = [], []
     for idx, raw in enumerate(data.item_raw.tolist(), start=1):
@@ -262,15 +255,13 @@ def extract_visual(vp: VisualFeatureParams, data_dir: str | Path, out_dir: str |
                 emb = model.encode_image(torch.stack(batch).to(device)).float()
                 emb = torch.nn.functional.normalize(emb, dim=-1).cpu()
                 if feats is None:
-                    feats_dim = emb.shape[1]
-                    feats = torch.zeros(data.num_items + 1, feats_dim)
+                    feats = torch.zeros(data.num_items + 1, emb.shape[1])
                 feats[torch.tensor(batch_rows)] = emb
                 mask[torch.tensor(batch_rows)] = True
             bar.update(len(paths[lo:lo + vp.batch_size]))
     bar.close()
     if feats is None:
-        feats_dim = int(getattr(model.visual, "output_dim", vp.dim))
-        feats = torch.zeros(data.num_items + 1, feats_dim)
+        feats = torch.zeros(data.num_items + 1, int(getattr(model.visual, "output_dim", vp.dim)))
     covered = int(mask.sum())
     report.update(dim=int(feats.shape[1]), covered=covered, coverage_pct=100.0 * covered / data.num_items,
                   unreadable=unreadable, source_sha256={str(folder): _folder_digest(paths)},

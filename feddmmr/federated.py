@@ -187,10 +187,9 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
         n_steps = torch.tensor([len(p) for p in plans])
         m = len(chunk)
         P = {k: global_params[k].unsqueeze(0).repeat((m,) + (1,) * global_params[k].dim()) for k in names}
-        adam = tp.optimizer == "adam"
-        M = {k: torch.zeros_like(v) if adam else None for k, v in P.items()}
-        V = {k: torch.zeros_like(v) if adam else None for k, v in P.items()}
-        D = {k: torch.empty_like(v) if adam else None for k, v in P.items()}  # scratch for Adam's denominator
+        # Adam's moments and a scratch buffer for its denominator; SGD keeps no state
+        slots = ({k: (torch.zeros_like(v), torch.zeros_like(v), torch.empty_like(v)) for k, v in P.items()}
+                 if tp.optimizer == "adam" else {})
         loss_tot = torch.zeros(m, device=device)
         for s in range(int(n_steps.max())):
             a = int((n_steps > s).sum())  # clients still training: a prefix of the stack
@@ -204,8 +203,8 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
             loss_tot[:a] += loss
             with torch.no_grad():
                 for k in names:  # every client still training is at step s + 1
-                    _step_(P[k][:a], g[k], M[k][:a] if adam else None, V[k][:a] if adam else None, s + 1, tp,
-                           D[k][:a] if adam else None)
+                    m, v, d = (t[:a] for t in slots[k]) if slots else (None, None, None)
+                    _step_(P[k][:a], g[k], m, v, s + 1, tp, d)
             steps += a
         w = pool.num_targets[torch.tensor(chunk)].to(device=device, dtype=torch.float32)
         for k in names:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .config import Params, TrainParams
+from .config import Params, TrainParams, resolve_device
 from .data import Prepared, load_prepared
 from .errors import FeddmmrError
 from .federated import EXECUTORS, ClientPool, ServerOptimizer, select_clients
@@ -36,16 +36,6 @@ def build_model(params: Params, data: Prepared) -> SASRec:
     mp = params.model
     return SASRec(num_items=data.num_items, max_seq_len=data.max_seq_len, hidden=mp.hidden, blocks=mp.blocks,
                   heads=mp.heads, ffn_hidden=mp.ffn_hidden, dropout=mp.dropout)
-
-
-def resolve_device(name: str, stage: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise FeddmmrError(f"{stage}.device must be auto, cpu or cuda[:N], got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FeddmmrError(f"{stage}.device is {name} but no CUDA device is available; set {stage}.device: auto or cpu")
-    return torch.device(name)
 
 
 def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
@@ -77,12 +67,11 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
     tp: TrainParams = getattr(params, stage)
     _check_train_params(tp, stage, params.evaluation.ks)
     data = load_prepared(data_dir)
-    meta = read_json(Path(data_dir) / "meta.json", "prepared-data metadata")
     tracker = StageRun(stage, flatten({"model": asdict(params.model), stage: asdict(tp),
                                        "evaluation": asdict(params.evaluation), "data": {"dir": str(data_dir)}}),
-                       meta, enabled=params.tracking.enabled)
+                       data.meta, enabled=params.tracking.enabled)
     try:
-        return _train(stage, params, tp, data, meta, data_dir, out_dir, metrics_path, progress, tracker)
+        return _train(stage, params, tp, data, data_dir, out_dir, metrics_path, progress, tracker)
     except BaseException:
         tracker.fail()
         raise
@@ -92,7 +81,7 @@ def _round_metrics(val: dict, prefix: str = "val") -> dict[str, float]:
     return {f"{prefix}.{k}": v for k, v in flatten(val).items()}
 
 
-def _train(stage: str, params: Params, tp: TrainParams, data: Prepared, meta: dict, data_dir, out_dir, metrics_path,
+def _train(stage: str, params: Params, tp: TrainParams, data: Prepared, data_dir, out_dir, metrics_path,
            progress: bool, tracker: StageRun) -> dict:
     torch.manual_seed(tp.seed)
     device = resolve_device(tp.device, stage)
@@ -153,7 +142,8 @@ def _train(stage: str, params: Params, tp: TrainParams, data: Prepared, meta: di
         "max_seq_len": data.max_seq_len,
         "num_users": data.num_users,
         "train": asdict(tp),
-        "data": {"dir": str(data_dir), "source_sha256": meta["source_sha256"], "num_interactions": meta["num_interactions"]},
+        "data": {"dir": str(data_dir), "source_sha256": data.meta["source_sha256"],
+                 "num_interactions": data.meta["num_interactions"]},
         "best_round": best_round,
         "torch": torch.__version__,
     }
