@@ -64,6 +64,14 @@ def write_tiny_project(root: Path, top_k_users: int = 40, eval_negatives: int = 
     return root
 
 
+def add_dvc_pipeline(root: Path) -> Path:
+    """Copy the library and dvc.yaml into a scratch project so `dvc repro` runs the project's own stages."""
+    import shutil
+    shutil.copytree(REPO / "feddmmr", root / "feddmmr", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root)
+    return root
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO, write_tiny_project
+from conftest import add_dvc_pipeline, write_tiny_project
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,7 @@ def test_flow_and_dvc_repro_produce_the_same_results(harness, project, tmp_path,
     from flows.pipeline import pipeline
     twin = tmp_path / "dvc-twin"
     shutil.copytree(project, twin)
-    shutil.copytree(REPO / "feddmmr", twin / "feddmmr", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", twin)
+    add_dvc_pipeline(twin)
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{twin / 'mlruns.db'}"}

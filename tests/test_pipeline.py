@@ -1,7 +1,6 @@
 """`dvc repro` on the project's own dvc.yaml and params.yaml, in a scratch copy, with tiny settings."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import add_dvc_pipeline, write_tiny_project
 
 BIN = Path(sys.executable).parent
 
@@ -23,15 +22,7 @@ def dvc(*args, cwd):
 def project(tmp_path_factory):
     if not (BIN / "dvc").exists():
         pytest.skip(f"dvc is not installed beside {sys.executable}")
-    root = tmp_path_factory.mktemp("project")
-    shutil.copytree(REPO / "feddmmr", root / "feddmmr", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "data" / "demo", root / "data" / "demo")
-    shutil.copy(REPO / "dvc.yaml", root)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["prepare"].update(top_k_users=60, eval_negatives=50)
-    params["model"].update(hidden=16, heads=2, ffn_hidden=16, blocks=1)
-    params["pretrain_sasrec"].update(rounds=2, client_fraction=0.5, num_negatives=4)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = add_dvc_pipeline(write_tiny_project(tmp_path_factory.mktemp("project"), top_k_users=60, eval_negatives=50))
     r = dvc("init", "--no-scm", "-q", cwd=root)
     assert r.returncode == 0, r.stderr
     r = dvc("repro", cwd=root)
