@@ -35,3 +35,135 @@ def test_score_matches_score_all():
     items = torch.tensor([[1, 5, 30]])
     all_scores = m.score_all(h)
     assert torch.allclose(m.score(h, items), all_scores[:, items[0] - 1], atol=1e-5)
+
+
+def _mm(seed=0, visual=True, gating=0.5):
+    from feddmmr.model import FedDMMR
+    torch.manual_seed(seed)
+    m = FedDMMR(num_items=30, max_seq_len=8, hidden=16, blocks=1, heads=2, ffn_hidden=16, dropout=0.0,
+                text_dim=12, visual_dim=10, gating_init=gating, router_hidden=8).eval()
+    g = torch.Generator().manual_seed(seed)
+    vis, txt = torch.randn(31, 10, generator=g), torch.randn(31, 12, generator=g)
+    vm, tm = torch.ones(31, dtype=torch.bool), torch.ones(31, dtype=torch.bool)
+    vm[::3] = False
+    tm[::5] = False
+    if not visual:
+        vm[:] = False
+    m.set_features(vis, vm, txt, tm)
+    return m
+
+
+def _train_experts(m):
+    """Give the zero-initialised value maps and router weights so that memory matters."""
+    with torch.no_grad():
+        for e in (m.visual_expert, m.semantic_expert):
+            e.value.weight.normal_(0, 0.5)
+        m.router.mlp[-1].weight.normal_(0, 0.5)
+
+
+def test_every_parameter_belongs_to_exactly_one_group():
+    from feddmmr.model import GROUPS, group_of
+    m = _mm()
+    seen = {group_of(k) for k, _ in m.named_parameters()}
+    assert seen == set(GROUPS)
+    assert group_of("sasrec.item_emb.weight") == "item_embeddings" and group_of("sasrec.blocks.0.ln1.weight") == "backbone"
+    assert group_of("gating_weight") == "gate" and group_of("text_proj.weight") == "projections"
+
+
+def test_untrained_experts_pool_the_memory_and_an_empty_memory_adds_nothing():
+    """Identity-initialised experts: one visible slot gives LN(that slot's feature); no slot gives zero."""
+    m = _mm()
+    h = m.encode(torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]]))[:, -1]
+    cands = torch.tensor([[7, 8, 9, 10]])
+    base = (m.sasrec.item_emb.weight[cands] @ h.unsqueeze(-1)).squeeze(-1)
+    empty = m.score(h, cands, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool))
+    assert torch.allclose(empty, base, atol=1e-6)
+    assert not torch.allclose(m.score(h, cands, torch.tensor([[1, 2, 4, 5]]), torch.ones(1, 4, dtype=torch.bool)), base)
+    slot = m.project("sem", torch.tensor(2))
+    out = m.semantic_expert.pooled(torch.randn(1, 3, 16), slot.view(1, 1, 16), torch.ones(1, 1, dtype=torch.bool))
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(slot, (16,)).expand(1, 3, 16))
+
+
+def test_factorised_expert_score_equals_the_plain_layer_norm_dot():
+    from feddmmr.model.experts import MemoryExpert
+    torch.manual_seed(1)
+    e = MemoryExpert(16)
+    with torch.no_grad():
+        for p in e.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    query, slots, target = torch.randn(4, 7, 16), torch.randn(4, 5, 16), torch.randn(4, 7, 16)
+    visible = torch.rand(4, 5) > 0.4
+    visible[0] = False                                      # a user with nothing visible: LN(0) = bias
+    plain = (e.pooled(query, slots, visible) * target).sum(-1)
+    torch.testing.assert_close(e(query, slots, visible, target), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_fusion_is_residual_on_the_backbone_score():
+    """score = <LN(seq), E_c> + g * (w_vis <LN(vis), E_c> + w_sem <LN(sem), E_c>): g = 0 gives the backbone."""
+    m = _mm(gating=0.0)
+    _train_experts(m)
+    h = m.encode(torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]]))[:, -1]
+    cands = torch.tensor([[7, 8, 9, 10, 15]])
+    mem, vis = torch.tensor([[1, 2, 4]]), torch.ones(1, 3, dtype=torch.bool)
+    base = (m.sasrec.item_emb.weight[cands] @ h.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(m.score(h, cands, mem, vis), base, atol=1e-6)
+    with torch.no_grad():
+        m.gating_weight.fill_(0.7)
+    scores = m.score(h, cands, mem, vis)
+    assert not torch.allclose(scores, base)
+    # item 15 has neither modality (15 % 3 == 0 and 15 % 5 == 0): its score stays the backbone's
+    assert torch.allclose(scores[0, 4], base[0, 4], atol=1e-6)
+
+
+def test_masked_feature_rows_never_enter_the_model():
+    m = _mm()
+    _train_experts(m)
+    h = m.encode(torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]]))[:, -1]
+    cands, mem, vis = torch.tensor([[3, 5, 7, 10]]), torch.tensor([[3, 6, 9, 1]]), torch.ones(1, 4, dtype=torch.bool)
+    before = m.score(h, cands, mem, vis)
+    with torch.no_grad():  # rows of items without a poster (every third) or text (every fifth) are noise now
+        m.visual_feat[::3] = 100.0
+        m.text_feat[::5] = 100.0
+    vm, tm = m.avail[:, 0].clone(), m.avail[:, 1].clone()
+    m.set_features(m.visual_feat.clone(), vm, m.text_feat.clone(), tm)
+    assert torch.allclose(m.score(h, cands, mem, vis), before, atol=1e-6)
+
+
+def test_router_weights_follow_modality_availability():
+    m = _mm()
+    _train_experts(m)
+    w = m._tables()["route"].detach()
+    assert (w[1] > 0).all() and abs(float(w[1].sum()) - 1) < 1e-6  # both modalities
+    assert w[3].tolist() == [0.0, 1.0]      # no poster -> semantic only
+    assert w[5].tolist() == [1.0, 0.0]      # no text -> visual only
+    assert w[15].tolist() == [0.0, 0.0]     # neither
+    assert w[0].tolist() == [0.0, 0.0]      # padding
+
+
+def test_training_and_evaluation_share_one_scoring_function():
+    """forward (training) at the last position equals score / score_all (evaluation) when every slot is earlier."""
+    m = _mm()
+    _train_experts(m)
+    seq = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]])
+    cands = torch.tensor([[[7, 8, 9]] * 8])                    # [1, L, 3]
+    target_pos = torch.full((1, 8), 100)
+    mem_ids, mem_pos = torch.tensor([1, 2, 4, 0]), torch.tensor([1, 2, 4, -1])
+    logits, _ = m(seq, cands, target_pos, mem_ids, mem_pos)
+    h = m.encode(seq)[:, -1]
+    ids, visible = mem_ids.unsqueeze(0), (mem_ids > 0).unsqueeze(0)
+    torch.testing.assert_close(logits[:, -1], m.score(h, cands[:, -1], ids, visible))
+    all_scores = m.score_all(h, ids, visible)
+    torch.testing.assert_close(all_scores[:, cands[0, -1] - 1], logits[:, -1])
+
+
+def test_memory_slots_from_the_future_are_invisible_in_training():
+    m = _mm()
+    _train_experts(m)
+    seq = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]])
+    cands = torch.tensor([[[7, 8, 9]] * 8])
+    target_pos = torch.arange(8).unsqueeze(0) + 10             # targets at sequence index 10..17
+    early = m(seq, cands, target_pos, torch.tensor([1, 2]), torch.tensor([3, 4]))[0]
+    # a slot whose item comes at index 14 may only influence targets at index 15 and later
+    later = m(seq, cands, target_pos, torch.tensor([1, 2, 11]), torch.tensor([3, 4, 14]))[0]
+    assert torch.equal(early[:, :5], later[:, :5])
+    assert not torch.allclose(early[:, 5:], later[:, 5:])
