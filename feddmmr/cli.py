@@ -17,7 +17,7 @@ DESCRIPTION = """FedDMMR: federated multimodal sequential recommendation, as a r
 Steps (each also a DVC stage in dvc.yaml):
   prepare   ingest MovieLens-1M / MovieLens-100K / a CSV, subset users, leave-one-out split
   features  item features: `features text` (sentence-transformers) and `features visual` (open_clip)
-  train     federated training of a stage (pretrain_sasrec)
+  train     federated training of a stage: pretrain_sasrec -> align_projectors -> finetune_moe
   evaluate  evaluate a stage checkpoint (full ranking and 1+100 sampled negatives)
   compare   the stages' metrics side by side, from MLflow
   make-demo write the small synthetic dataset used as the embedded default
@@ -56,22 +56,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: features/<modality>)")
 
     p = sub.add_parser("train", help="federated training of one stage",
-                       description="Train a stage federatedly on prepared data: each user is a client, a "
-                                   "client_fraction of clients trains per round, FedAvg aggregates. Validation each "
-                                   "round, early stopping, best checkpoint kept; test metrics of the best round go to "
-                                   "--metrics.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="""Train a stage federatedly on prepared data: each user is a client, a client_fraction
+of clients trains per round, FedAvg (+ server optimizer) aggregates. Validation each round, early
+stopping, best checkpoint kept; test metrics of the best round go to --metrics.
+
+Stages (each reads its own params.yaml section):
+  pretrain_sasrec   SASRec over item ids; everything trains.
+  align_projectors  loads item embeddings + backbone from pretrain_sasrec; only the text/visual
+                    projections and the residual gate train (alignment to the frozen item space).
+  finetune_moe      loads every group from align_projectors (or item embeddings + backbone from
+                    pretrain_sasrec when finetune_moe.init_from is pretrain_sasrec: the 2-stage path);
+                    everything but the item embeddings trains.
+Stages 2-3 need the feature files (`feddmmr features text|visual`) and keep a memory per client.""")
     _add_params(p)
-    p.add_argument("--stage", default="pretrain_sasrec", choices=["pretrain_sasrec"], help="stage to train")
+    p.add_argument("--stage", default="pretrain_sasrec", choices=["pretrain_sasrec", "align_projectors", "finetune_moe"],
+                   help="stage to train (default: pretrain_sasrec)")
     p.add_argument("--data", default="data/prepared", help="prepared data directory (default: data/prepared)")
+    p.add_argument("--features", default="features",
+                   help="folder with text/ and visual/ feature outputs, stages 2-3 (default: features)")
+    p.add_argument("--init", help="checkpoint to start from (default: checkpoints/<init_from> beside --out)")
     p.add_argument("--out", help="checkpoint directory (default: checkpoints/<stage>)")
     p.add_argument("--metrics", help="metrics JSON file (default: metrics/<stage>.json)")
 
     p = sub.add_parser("evaluate", help="evaluate a stage checkpoint",
-                       description="Load a checkpoint directory (model.safetensors + config.json) and print "
-                                   "HR/NDCG@k and MRR for both protocols as JSON.")
+                       description="Load a checkpoint directory (model.safetensors + config.json, and for "
+                                   "stages 2-3 memory.safetensors plus the feature files) and print HR/NDCG@k and MRR "
+                                   "for both protocols as JSON.")
     _add_params(p)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, e.g. checkpoints/pretrain_sasrec")
     p.add_argument("--data", default="data/prepared", help="prepared data directory (default: data/prepared)")
+    p.add_argument("--features", default="features",
+                   help="feature folder of a multimodal checkpoint (default: features)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="split to evaluate (default: test)")
 
     p = sub.add_parser("compare", help="stage metrics side by side (MLflow)",
@@ -122,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         from .stages import train_stage
         out = args.out or f"checkpoints/{args.stage}"
         metrics_path = args.metrics or f"metrics/{args.stage}.json"
-        metrics = train_stage(args.stage, params, args.data, out, metrics_path, progress=not args.quiet)
+        metrics = train_stage(args.stage, params, args.data, out, metrics_path, progress=not args.quiet,
+                              features_dir=args.features, init_dir=args.init)
         print(json.dumps({k: metrics[k] for k in ("stage", "best_round", "seconds_per_round", "test")}, indent=2))
         return 0
     if args.command == "evaluate":
@@ -130,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
         from .metrics import Evaluator
         from .stages import load_checkpoint
         data = load_prepared(args.data)
-        model, config = load_checkpoint(args.checkpoint, data)
-        result = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size).evaluate(model, args.split)
+        model, config, memory = load_checkpoint(args.checkpoint, data, args.features)
+        result = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size).evaluate(model, args.split, memory)
         print(json.dumps({"checkpoint": str(args.checkpoint), "stage": config["stage"], "split": args.split, **result}, indent=2))
         return 0
     raise AssertionError(args.command)

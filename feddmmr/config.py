@@ -60,10 +60,47 @@ class TrainParams:
     loss: str = "ce"                 # ce (sampled softmax) | bpr
     patience: int = 15               # rounds without improvement before stopping
     selection_metric: str = "full/NDCG@10"
+    keep: str = "best"               # checkpoint keeps the best validation round | the last round
     executor: str = "vectorized"     # vectorized | sequential (reference)
     device: str = "auto"             # auto (cuda when available) | cpu | cuda
     clients_per_chunk: int = 8       # clients trained together in one vectorized call (8 is fastest on a 2-core CPU)
     seed: int = 42
+
+
+@dataclass
+class MultimodalTrainParams(TrainParams):
+    """A multimodal stage: TrainParams plus where it starts and its auxiliary losses."""
+    init_from: str = ""                  # stage whose checkpoint this stage loads (explicit parameter groups)
+    contrastive_weight: float = 0.1      # drift-adaptive contrastive loss weight (0 = off)
+    contrastive_temperature: float = 0.1
+    surprise_alpha: float = 1.0          # per-target weight 1 + alpha * surprise
+    load_balance_weight: float = 0.0     # router load-balancing loss weight
+
+
+def _align_defaults() -> MultimodalTrainParams:
+    return MultimodalTrainParams(rounds=30, patience=10, init_from="pretrain_sasrec", contrastive_weight=0.5)
+
+
+def _finetune_defaults() -> MultimodalTrainParams:
+    return MultimodalTrainParams(rounds=60, patience=20, init_from="align_projectors", contrastive_weight=0.1,
+                                 load_balance_weight=0.01, server_lr=0.003)
+
+
+@dataclass
+class MultimodalParams:
+    gating_init: float = 0.1             # initial residual gate g (learnable)
+    router_hidden: int = 64
+
+
+@dataclass
+class MemoryParams:
+    st_capacity: int = 10                # short-term FIFO slots
+    lt_capacity: int = 50                # long-term slots
+    retrieve_lt: int = 20                # long-term slots retrieved (highest utility)
+    surprise_threshold: float = 0.5      # surprise = 1 - p(positive); at or above it an item enters LT
+    merge_threshold: float = 0.9         # cosine of combined features at which a new item merges into an LT slot
+    half_life: float = 200.0             # recency half-life of the utility, in observed items
+    warmup: bool = True                  # a stage starting with empty memories fills them first (one scoring pass)
 
 
 @dataclass
@@ -98,6 +135,10 @@ class Params:
     features_text: TextFeatureParams = field(default_factory=TextFeatureParams)
     features_visual: VisualFeatureParams = field(default_factory=VisualFeatureParams)
     pretrain_sasrec: TrainParams = field(default_factory=TrainParams)
+    multimodal: MultimodalParams = field(default_factory=MultimodalParams)
+    memory: MemoryParams = field(default_factory=MemoryParams)
+    align_projectors: MultimodalTrainParams = field(default_factory=_align_defaults)
+    finetune_moe: MultimodalTrainParams = field(default_factory=_finetune_defaults)
     tracking: TrackingParams = field(default_factory=TrackingParams)
 
     def to_dict(self) -> dict[str, Any]:

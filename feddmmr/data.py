@@ -311,23 +311,26 @@ def eval_inputs(data: Prepared, split: str) -> tuple[torch.Tensor, torch.Tensor,
     return torch.from_numpy(seqs), torch.from_numpy(targets), hist
 
 
-def train_windows(data: Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def train_windows(data: Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Cut each user's training sequence into windows of ``max_seq_len`` next-item targets.
 
     Training sequence t = s[:-2]; inputs t[:-1], targets t[1:], cut from the most recent end so
     every training target appears exactly once. Returns inputs [W, L], targets [W, L] (0 = no
-    target) and the user of each window [W], grouped by user.
+    target), the index of each target in the user's sequence [W, L] (0 where no target) and the
+    user of each window [W], grouped by user.
     """
     L = data.max_seq_len
-    xs, ys, owners = [], [], []
+    xs, ys, ps, owners = [], [], [], []
     for u in range(data.num_users):
         t = data.sequence(u)[:-2]
         x, y = t[:-1], t[1:]
+        idx = np.arange(1, len(t), dtype=np.int64)
         for end in range(len(x), 0, -L):
             start = max(0, end - L)
             xs.append(left_pad(x[start:end], L))
             ys.append(left_pad(y[start:end], L))
+            ps.append(left_pad(idx[start:end], L))
             owners.append(u)
     if not xs:
         raise FeddmmrError("no training targets: every user needs at least 4 interactions")
-    return np.stack(xs), np.stack(ys), np.asarray(owners, dtype=np.int64)
+    return np.stack(xs), np.stack(ys), np.stack(ps), np.asarray(owners, dtype=np.int64)

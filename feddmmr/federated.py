@@ -21,7 +21,7 @@ from torch.func import functional_call, grad, vmap
 
 from .config import TrainParams
 from .data import Prepared, train_windows
-from .model.sasrec import score_items
+from .memory import MemoryBank
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -31,7 +31,9 @@ ADAM_EPS = 1e-8
 class LocalBatch:
     x: torch.Tensor    # [b, L] input windows
     y: torch.Tensor    # [b, L] next-item targets (0 = none)
+    pos: torch.Tensor  # [b, L] index of each target in the client's sequence
     neg: torch.Tensor  # [b, L, N] negatives drawn from items outside the client's training history
+    last_epoch: bool   # surprises of the last local epoch feed the client's memory
 
 
 class ClientPool:
@@ -39,9 +41,10 @@ class ClientPool:
 
     def __init__(self, data: Prepared):
         self.data = data
-        x, y, owner = train_windows(data)
+        x, y, pos, owner = train_windows(data)
         self.win_x = torch.from_numpy(x)
         self.win_y = torch.from_numpy(y)
+        self.win_pos = torch.from_numpy(pos)
         counts = np.bincount(owner, minlength=data.num_users)
         self.win_start = np.concatenate([[0], np.cumsum(counts)])
         self.num_targets = torch.from_numpy(np.bincount(owner, weights=(y > 0).sum(1), minlength=data.num_users)).long()
@@ -59,29 +62,53 @@ class ClientPool:
         lo, hi = int(self.win_start[u]), int(self.win_start[u + 1])
         unseen = self.unseen_items(u)
         batches = []
-        for _ in range(tp.local_epochs):
+        for epoch in range(tp.local_epochs):
             order = torch.randperm(hi - lo, generator=gen) + lo
             for idx in order.split(tp.batch_size):
                 x, y = self.win_x[idx], self.win_y[idx]
                 pick = (torch.rand(*y.shape, tp.num_negatives, generator=gen) * len(unseen)).long()
-                batches.append(LocalBatch(x, y, unseen[pick]))
+                batches.append(LocalBatch(x, y, self.win_pos[idx], unseen[pick], epoch == tp.local_epochs - 1))
         return batches
 
 
 def batch_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-               neg: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean next-item loss over the real target positions of one client's batch."""
-    h = functional_call(model, params, (x,))                      # [b, L, d]
-    cands = torch.cat([y.unsqueeze(-1), neg], dim=-1)              # [b, L, 1+N], positive first
-    logits = score_items(params["item_emb.weight"], h, cands)      # [b, L, 1+N]
-    if loss == "ce":
+               pos: torch.Tensor, neg: torch.Tensor, mem_ids: torch.Tensor, mem_pos: torch.Tensor,
+               tp: TrainParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of one client's batch and the surprise of each target position [b, L] (detached).
+
+    rec:   sampled softmax (ce) or BPR over the positive and N negatives, mean over real targets;
+    align: drift-adaptive contrastive loss (multimodal stages): for each modality the positive's
+           projected feature must pick the positive's embedding among the candidates' (InfoNCE,
+           temperature tau), each target weighted by 1 + alpha * surprise, so targets the sequence
+           model fails on (interest drift) pull the modalities hardest;
+    lb:    load balance, sum_e (mean router weight_e - 1/2)^2 over targets that have both modalities.
+    surprise = 1 - p(positive) under the batch's candidates.
+    """
+    cands = torch.cat([y.unsqueeze(-1), neg], dim=-1)                         # [b, L, 1+N], positive first
+    logits, extra = functional_call(model, params, (x, cands, pos, mem_ids, mem_pos))
+    mask = (y > 0).to(logits.dtype)
+    if tp.loss == "ce":
         per_pos = torch.logsumexp(logits, -1) - logits[..., 0]
-    elif loss == "bpr":
+    elif tp.loss == "bpr":
         per_pos = F.softplus(logits[..., 1:] - logits[..., :1]).mean(-1)
     else:
-        raise ValueError(f"unknown loss {loss!r} (ce | bpr)")
-    mask = (y > 0).to(per_pos.dtype)
-    return (per_pos * mask).sum() / mask.sum().clamp(min=1.0)
+        raise ValueError(f"unknown loss {tp.loss!r} (ce | bpr)")
+    total = (per_pos * mask).sum() / mask.sum().clamp(min=1.0)
+    surprise = 1.0 - torch.softmax(logits.detach(), -1)[..., 0]               # [b, L]
+    if extra:
+        avail = F.embedding(y, model.avail.to(logits.dtype)) * mask.unsqueeze(-1)  # [b, L, 2] positive has modality
+        cw = getattr(tp, "contrastive_weight", 0.0)
+        if cw:
+            a = extra["align"] / tp.contrastive_temperature                    # [b, L, C, 2]
+            nce = torch.logsumexp(a, -2) - a[..., 0, :]                         # [b, L, 2]
+            w = (1.0 + tp.surprise_alpha * surprise).unsqueeze(-1)              # [b, L, 1]
+            total = total + cw * ((w * nce * avail).sum((0, 1)) / avail.sum((0, 1)).clamp(min=1.0)).sum()
+        lbw = getattr(tp, "load_balance_weight", 0.0)
+        if lbw:
+            both = avail[..., 0] * avail[..., 1]                                # [b, L]
+            usage = (extra["router"] * both.unsqueeze(-1)).sum((0, 1)) / both.sum().clamp(min=1.0)
+            total = total + lbw * ((usage - 0.5) ** 2).sum() * (both.sum() > 0)
+    return total, surprise
 
 
 def _step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, t: int,
@@ -125,6 +152,8 @@ class RoundResult:
     train_loss: float               # sample-weighted mean local loss
     clients: int
     steps: int                      # local steps summed over clients
+    memory_writes: int = 0          # long-term memory writes of the round's clients
+    mean_surprise: float = 0.0      # mean surprise of the last local epoch's targets
 
 
 def _average(acc: dict[str, torch.Tensor], total_w: float, global_params: dict[str, torch.Tensor],
@@ -139,51 +168,89 @@ def _split_params(model: nn.Module, trainable: set[str] | None):
     return params, names
 
 
+def _memory_slots(memory: MemoryBank | None, users: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Memory item ids and sequence indices [n, K] of ``users`` (one empty slot when there is no memory)."""
+    if memory is None:
+        z = torch.zeros(len(users), 1, dtype=torch.long, device=device)
+        return z, z
+    ids, pos = memory.retrieve(users)
+    return ids.to(device), pos.to(device)
+
+
+class _Observations:
+    """Targets and surprises of the last local epoch, handed to the memory after local training."""
+
+    def __init__(self):
+        self.items: dict[int, list] = {}
+
+    def add(self, u: int, y: torch.Tensor, pos: torch.Tensor, surprise: torch.Tensor) -> None:
+        real = y > 0
+        self.items.setdefault(u, []).append((y[real].cpu(), pos[real].cpu(), surprise[real].detach().float().cpu()))
+
+    def flush(self, memory: MemoryBank | None) -> tuple[int, float, int]:
+        writes, s_sum, n = 0, 0.0, 0
+        for u, parts in self.items.items():
+            y, pos, sur = (torch.cat(t).numpy() for t in zip(*parts))
+            s_sum, n = s_sum + float(sur.sum()), n + len(sur)
+            if memory is not None:
+                writes += memory.observe(u, y, pos, sur)
+        return writes, s_sum, n
+
+
 def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPool, rnd: int, tp: TrainParams,
-                           trainable: set[str] | None = None) -> RoundResult:
-    """Reference executor: one client at a time, nn.Module copy + torch.optim.Adam, then FedAvg."""
+                           trainable: set[str] | None = None, memory: MemoryBank | None = None) -> RoundResult:
+    """Reference executor: one client at a time, nn.Module copy + torch.optim, then FedAvg."""
     global_params, names = _split_params(model, trainable)
     device = next(iter(global_params.values())).device
     acc = {k: torch.zeros_like(global_params[k]) for k in names}
     total_w, loss_sum, steps = 0.0, 0.0, 0
+    obs = _Observations()
     for u in clients:
+        mem_ids, mem_pos = (t[0] for t in _memory_slots(memory, [u], device))
         local = {k: v.clone().requires_grad_(k in names) for k, v in global_params.items()}
         opt = make_optimizer([local[k] for k in names], tp)
         losses = []
         for b in pool.plan(u, rnd, tp):
             opt.zero_grad()
-            loss = batch_loss(model, local, b.x.to(device), b.y.to(device), b.neg.to(device), tp.loss)
+            loss, surprise = batch_loss(model, local, b.x.to(device), b.y.to(device), b.pos.to(device),
+                                        b.neg.to(device), mem_ids, mem_pos, tp)
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            if b.last_epoch:
+                obs.add(u, b.y, b.pos, surprise)
             steps += 1
         w = float(pool.num_targets[u])
         for k in names:
             acc[k].add_(local[k].detach(), alpha=w)
         total_w += w
         loss_sum += w * float(np.mean(losses))
-    return RoundResult(_average(acc, total_w, global_params, names), loss_sum / total_w, len(clients), steps)
+    writes, s_sum, n = obs.flush(memory)
+    return RoundResult(_average(acc, total_w, global_params, names), loss_sum / total_w, len(clients), steps,
+                       writes, s_sum / max(n, 1))
 
 
 def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPool, rnd: int, tp: TrainParams,
-                           trainable: set[str] | None = None) -> RoundResult:
+                           trainable: set[str] | None = None, memory: MemoryBank | None = None) -> RoundResult:
     """All clients of the round trained together (in chunks of ``clients_per_chunk``), then FedAvg."""
     global_params, names = _split_params(model, trainable)
     device = next(iter(global_params.values())).device
     frozen = {k: v for k, v in global_params.items() if k not in names}
 
-    def client_loss(train_p, x, y, neg):
-        loss = batch_loss(model, {**frozen, **train_p}, x, y, neg, tp.loss)
-        return loss, loss.detach()
+    def client_loss(train_p, x, y, pos, neg, mem_ids, mem_pos):
+        loss, surprise = batch_loss(model, {**frozen, **train_p}, x, y, pos, neg, mem_ids, mem_pos, tp)
+        return loss, (loss.detach(), surprise)
 
     grad_fn = vmap(grad(client_loss, has_aux=True), randomness="different")
     acc = {k: torch.zeros_like(global_params[k]) for k in names}
     total_w, loss_sum, steps = 0.0, 0.0, 0
+    obs = _Observations()
     for lo in range(0, len(clients), tp.clients_per_chunk):
         chunk = clients[lo: lo + tp.clients_per_chunk]
         plans = [pool.plan(u, rnd, tp) for u in chunk]
         order = sorted(range(len(chunk)), key=lambda i: -len(plans[i]))
         chunk, plans = [chunk[i] for i in order], [plans[i] for i in order]
+        mem_ids, mem_pos = _memory_slots(memory, chunk, device)
         n_steps = torch.tensor([len(p) for p in plans])
         m = len(chunk)
         P = {k: global_params[k].unsqueeze(0).repeat((m,) + (1,) * global_params[k].dim()) for k in names}
@@ -195,23 +262,54 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
             a = int((n_steps > s).sum())  # clients still training: a prefix of the stack
             batches = [plans[i][s] for i in range(a)]
             rows = max(len(b.x) for b in batches)
-            x = _pad_stack([b.x for b in batches], rows).to(device)
-            y = _pad_stack([b.y for b in batches], rows).to(device)
-            neg = _pad_stack([b.neg for b in batches], rows).to(device)
+            x, y, pos, neg = (_pad_stack([getattr(b, f) for b in batches], rows).to(device)
+                              for f in ("x", "y", "pos", "neg"))
             active = {k: P[k][:a] for k in names}
-            g, loss = grad_fn(active, x, y, neg)
+            g, (loss, surprise) = grad_fn(active, x, y, pos, neg, mem_ids[:a], mem_pos[:a])
             loss_tot[:a] += loss
+            for i, b in enumerate(batches):
+                if b.last_epoch:
+                    obs.add(chunk[i], b.y, b.pos, surprise[i, : len(b.y)])
             with torch.no_grad():
                 for k in names:  # every client still training is at step s + 1
-                    m, v, d = (t[:a] for t in slots[k]) if slots else (None, None, None)
-                    _step_(P[k][:a], g[k], m, v, s + 1, tp, d)
+                    m1, v1, d1 = (t[:a] for t in slots[k]) if slots else (None, None, None)
+                    _step_(P[k][:a], g[k], m1, v1, s + 1, tp, d1)
             steps += a
         w = pool.num_targets[torch.tensor(chunk)].to(device=device, dtype=torch.float32)
         for k in names:
             acc[k].add_(torch.tensordot(w, P[k], dims=1))
         total_w += float(w.sum())
         loss_sum += float((w * loss_tot / n_steps.to(device)).sum())
-    return RoundResult(_average(acc, total_w, global_params, names), loss_sum / total_w, len(clients), steps)
+    writes, s_sum, n = obs.flush(memory)
+    return RoundResult(_average(acc, total_w, global_params, names), loss_sum / total_w, len(clients), steps,
+                       writes, s_sum / max(n, 1))
+
+
+@torch.no_grad()
+def warm_memories(model: nn.Module, pool: ClientPool, memory: MemoryBank, tp: TrainParams,
+                  windows_per_batch: int = 256) -> int:
+    """Every client observes its training targets once, with the surprise the current model gives them.
+
+    Used when a stage starts with empty memories, so that every client (and the round-0 evaluation)
+    has a memory before its first participation. Returns the long-term writes.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    obs = _Observations()
+    batches = [(u, b) for u in range(pool.data.num_users) for b in pool.plan(u, 0, tp) if b.last_epoch]
+    empty = torch.zeros(0, dtype=torch.long, device=device)  # no slots: the experts add only their LN bias
+    for lo in range(0, len(batches), 64):
+        group = batches[lo: lo + 64]
+        x, y, pos, neg = (torch.cat([getattr(b, f) for _, b in group]).to(device) for f in ("x", "y", "pos", "neg"))
+        logits, _ = model(x, torch.cat([y.unsqueeze(-1), neg], -1), pos, empty, empty, align=False)
+        surprise = 1.0 - torch.softmax(logits, -1)[..., 0]
+        row = 0
+        for u, b in group:
+            obs.add(u, b.y, b.pos, surprise[row: row + len(b.y)])
+            row += len(b.y)
+    model.train(was_training)
+    return obs.flush(memory)[0]
 
 
 EXECUTORS = {"sequential": train_round_sequential, "vectorized": train_round_vectorized}

@@ -39,7 +39,8 @@ class Evaluator:
         self.negatives = torch.from_numpy(data.eval_negatives)
 
     @torch.no_grad()
-    def ranks(self, model: torch.nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def ranks(self, model: torch.nn.Module, split: str, memory=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank of each user's target under both protocols; ``memory`` (a MemoryBank) feeds multimodal models."""
         x, target, h_rows, h_cols = self.splits[split]
         device = next(model.parameters(), torch.empty(0)).device
         was_training = model.training
@@ -48,21 +49,26 @@ class Evaluator:
         for lo in range(0, len(x), self.batch_size):
             hi = min(lo + self.batch_size, len(x))
             h = model.encode(x[lo:hi].to(device))[:, -1]                # [b, d] most recent position
-            scores = model.score_all(h)                                 # [b, I], column j = item j+1
+            mem = {}
+            if getattr(model, "multimodal", False):                    # every slot precedes val/test targets
+                ids = (memory.retrieve(range(lo, hi))[0] if memory is not None
+                       else torch.zeros(hi - lo, 1, dtype=torch.long)).to(device)
+                mem = {"mem_ids": ids, "visible": ids > 0}
+            scores = model.score_all(h, **mem)                          # [b, I], column j = item j+1
             pos = scores.gather(1, (target[lo:hi].to(device) - 1).unsqueeze(1))  # [b, 1]
             sel = (h_rows >= lo) & (h_rows < hi)
             scores[(h_rows[sel] - lo).to(device), (h_cols[sel] - 1).to(device)] = float("-inf")  # history never competes
             full.append((scores >= pos).sum(1).cpu())                   # target counts itself: rank >= 1
             if self.negatives.shape[1]:
-                neg = model.score(h, self.negatives[lo:hi].to(device))  # [b, N]
+                neg = model.score(h, self.negatives[lo:hi].to(device), **mem)  # [b, N]
                 sampled.append((1 + (neg >= pos).sum(1)).cpu())
         model.train(was_training)
         full_r = torch.cat(full)
         sampled_r = torch.cat(sampled) if sampled else torch.zeros(0)
         return full_r, sampled_r
 
-    def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, dict[str, float]]:
-        full, sampled = self.ranks(model, split)
+    def evaluate(self, model: torch.nn.Module, split: str, memory=None) -> dict[str, dict[str, float]]:
+        full, sampled = self.ranks(model, split, memory)
         out = {"full": rank_metrics(full, self.ks)}
         if len(sampled):
             out["sampled"] = rank_metrics(sampled, self.ks)

@@ -1,42 +1,178 @@
-"""Training stages: what each stage builds, trains and writes.
+"""Training stages: what each stage builds, loads, trains and writes.
 
-Stage 1 ``pretrain_sasrec``: SASRec over item ids only, every parameter trainable, federated.
+    pretrain_sasrec   SASRec over item ids only; every parameter trains.
+    align_projectors  loads item_embeddings + backbone from pretrain_sasrec; only the modality
+                      projections and the residual gate train (alignment to the frozen item space).
+    finetune_moe      loads every group from align_projectors (or, on the 2-stage path,
+                      item_embeddings + backbone from pretrain_sasrec); all groups but the item
+                      embeddings train.
+
+Parameters are loaded, trained and frozen as explicit groups (``feddmmr.model.GROUPS``), never by
+substring. Loading writes a report (loaded / initialised / missing / unexpected / mismatched tensors)
+and fails when a group the source checkpoint holds cannot be loaded completely. Frozen groups come
+out of a stage bit-identical (FedAvg and the server step leave them untouched).
 
 A stage writes, atomically, a checkpoint directory:
     model.safetensors   the best round's global weights (no pickle)
-    config.json         model shape, data fingerprint and the stage's parameters
-    train_history.json  per-round loss, validation metrics (both protocols), clients, seconds
+    memory.safetensors  every client's local memory (multimodal stages)
+    config.json         model shape, data and feature fingerprints, parameters, group provenance
+    load_report.json    what was loaded from the previous stage (stages 2-3)
+    train_history.json  per-round loss, validation metrics (both protocols), router weights and gate
 and a DVC metrics file with the best round's validation and test metrics.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .config import Params, TrainParams, resolve_device
+from .config import MultimodalTrainParams, Params, TrainParams, resolve_device
 from .data import Prepared, load_prepared
 from .errors import FeddmmrError
-from .federated import EXECUTORS, ClientPool, ServerOptimizer, select_clients
-from .io import atomic_dir, read_json, save_tensors, write_json
+from .federated import EXECUTORS, ClientPool, ServerOptimizer, select_clients, warm_memories
+from .io import atomic_dir, file_sha256, load_tensors, read_json, save_tensors, write_json
+from .memory import MemoryBank, combined_features
 from .metrics import Evaluator, pick
-from .model import SASRec
+from .model import GROUPS, FedDMMR, group_of
 from .tracking import StageRun, flatten
 
 log = logging.getLogger("feddmmr")
-STAGES = ("pretrain_sasrec",)
 
 
-def build_model(params: Params, data: Prepared) -> SASRec:
-    mp = params.model
-    return SASRec(num_items=data.num_items, max_seq_len=data.max_seq_len, hidden=mp.hidden, blocks=mp.blocks,
-                  heads=mp.heads, ffn_hidden=mp.ffn_hidden, dropout=mp.dropout)
+@dataclass(frozen=True)
+class StageSpec:
+    multimodal: bool
+    trains: frozenset[str]                 # groups that train
+    init_from: tuple[str, ...] = ()        # stages this one may load
 
+
+ALL_GROUPS = frozenset(GROUPS)
+STAGE_SPECS = {
+    "pretrain_sasrec": StageSpec(False, frozenset({"item_embeddings", "backbone"})),
+    "align_projectors": StageSpec(True, frozenset({"projections", "gate"}), ("pretrain_sasrec",)),
+    "finetune_moe": StageSpec(True, ALL_GROUPS - {"item_embeddings"}, ("align_projectors", "pretrain_sasrec")),
+}
+STAGES = tuple(STAGE_SPECS)
+REQUIRED_FROM_SOURCE = {"item_embeddings", "backbone"}  # a later stage never starts these from scratch
+FIX = "re-run the stage that writes it (`dvc repro`)"
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+def build_model(params: Params, data: Prepared, multimodal: bool = False, text_dim: int = 0,
+                visual_dim: int = 0) -> FedDMMR:
+    mp, mm = params.model, params.multimodal
+    return FedDMMR(num_items=data.num_items, max_seq_len=data.max_seq_len, hidden=mp.hidden, blocks=mp.blocks,
+                   heads=mp.heads, ffn_hidden=mp.ffn_hidden, dropout=mp.dropout,
+                   text_dim=text_dim if multimodal else 0, visual_dim=visual_dim if multimodal else 0,
+                   gating_init=mm.gating_init, router_hidden=mm.router_hidden)
+
+
+def _model_from_config(config: dict) -> FedDMMR:
+    mp, mm = config["model"], config.get("multimodal") or {}
+    dims = config.get("feature_dims") or {}
+    return FedDMMR(num_items=config["num_items"], max_seq_len=config["max_seq_len"], hidden=mp["hidden"],
+                   blocks=mp["blocks"], heads=mp["heads"], ffn_hidden=mp["ffn_hidden"], dropout=mp["dropout"],
+                   text_dim=dims.get("text", 0), visual_dim=dims.get("visual", 0),
+                   gating_init=mm.get("gating_init", 0.1), router_hidden=mm.get("router_hidden", 64))
+
+
+def load_stage_features(features_dir: str | Path, data: Prepared) -> dict:
+    """Both modalities' tables, masks and file hashes (a missing file fails with the fix)."""
+    from .features import load_features
+
+    out = {}
+    for modality in ("text", "visual"):
+        d = Path(features_dir) / modality
+        feats, mask = load_features(d, data.num_items)
+        out[modality] = {"features": feats, "mask": mask, "sha256": file_sha256(d / "features.safetensors"),
+                         "dim": int(feats.shape[1]), "coverage": float(mask[1:].float().mean())}
+    if not out["text"]["mask"][1:].any() and not out["visual"]["mask"][1:].any():
+        raise FeddmmrError(f"{features_dir}: neither text nor visual features cover any item; a multimodal stage "
+                           f"needs at least one modality (check features_text / features_visual and re-run them)")
+    return out
+
+
+def _memory(params: Params, data: Prepared, feats: dict) -> MemoryBank:
+    mp = params.memory
+    comb = combined_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
+                             feats["text"]["mask"])
+    try:
+        return MemoryBank(data.num_users, mp.st_capacity, mp.lt_capacity, mp.retrieve_lt, mp.surprise_threshold,
+                          mp.merge_threshold, mp.half_life, comb)
+    except ValueError as exc:
+        raise FeddmmrError(f"memory params: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_groups(model: FedDMMR, source_dir: str | Path, data: Prepared, feature_sha: dict | None) -> dict:
+    """Load every group the source checkpoint holds into ``model``; fail on anything partial.
+
+    Returns the load report: loaded groups (tensor counts), groups initialised here, and the
+    missing / unexpected / mismatched tensor names (all empty on success).
+    """
+    source_dir = Path(source_dir)
+    config = read_json(source_dir / "config.json", "checkpoint config of the previous stage")
+    _check_same_data(source_dir, config, data)
+    state = load_tensors(source_dir / "model.safetensors", "checkpoint weights of the previous stage", FIX)
+    expected = model.state_dict()
+    source_groups = {group_of(k) for k in state if _known(k)}
+    unexpected = sorted(k for k in state if k not in expected)
+    missing = sorted(k for k in expected if group_of(k) in source_groups and k not in state)
+    mismatched = sorted(k for k in state if k in expected and state[k].shape != expected[k].shape)
+    absent = sorted(REQUIRED_FROM_SOURCE - source_groups)
+    report = {"source": str(source_dir), "source_stage": config.get("stage"),
+              "loaded": {}, "initialized": sorted({group_of(k) for k in expected} - source_groups),
+              "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    if missing or unexpected or mismatched or absent:
+        raise FeddmmrError(
+            f"cannot load {source_dir / 'model.safetensors'} into {model.__class__.__name__}: required groups absent "
+            f"{absent}, missing tensors {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {mismatched[:5]}; "
+            f"the checkpoint does not belong to this model/data (re-run the previous stage: `dvc repro`)")
+    if "projections" in source_groups and feature_sha is not None:
+        was = config.get("features") or {}
+        changed = [m for m in ("text", "visual") if was.get(m) != feature_sha.get(m)]
+        if changed:
+            raise FeddmmrError(f"{source_dir} projections were trained on other {', '.join(changed)} features than "
+                               f"features/{changed[0]}; re-run the previous stage on the current features (`dvc repro`)")
+    with torch.no_grad():
+        for k, v in state.items():
+            expected[k].copy_(v)
+    now = model.state_dict()
+    for k, v in state.items():  # proof of the load: every loaded tensor equals the file, bit for bit
+        if not torch.equal(now[k].cpu(), v):
+            raise FeddmmrError(f"loading {k} from {source_dir} did not take effect")
+        g = group_of(k)
+        report["loaded"][g] = report["loaded"].get(g, 0) + 1
+    report["groups"] = config.get("groups", {})
+    return report
+
+
+def _known(name: str) -> bool:
+    try:
+        group_of(name)
+        return True
+    except KeyError:
+        return False
+
+
+def _check_same_data(ckpt_dir: Path, config: dict, data: Prepared) -> None:
+    same = (config.get("num_items") == data.num_items and config.get("max_seq_len") == data.max_seq_len and
+            config.get("data", {}).get("source_sha256") == data.meta["source_sha256"] and
+            config.get("num_users") == data.num_users)
+    if not same:
+        raise FeddmmrError(f"{ckpt_dir} was trained on other prepared data ({config.get('num_users')} users, "
+                           f"{config.get('num_items')} items, L={config.get('max_seq_len')}) than the current "
+                           f"({data.num_users} users, {data.num_items} items, L={data.max_seq_len}); {FIX}")
+
+
+# ---------------------------------------------------------------------------------------------- checks
 
 def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
     if tp.executor not in EXECUTORS:
@@ -54,24 +190,50 @@ def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
         raise FeddmmrError(f"{stage}.loss must be ce or bpr, got {tp.loss!r}")
     protocol, _, metric = tp.selection_metric.partition("/")
     names = {f"{m}@{k}" for m in ("HR", "NDCG") for k in ks} | {"MRR"}
+    if tp.keep not in ("best", "last"):
+        raise FeddmmrError(f"{stage}.keep must be best or last, got {tp.keep!r}")
     if protocol not in ("full", "sampled") or metric not in names:
         raise FeddmmrError(f"{stage}.selection_metric must be full/ or sampled/ followed by one of "
                            f"{', '.join(sorted(names))}; got {tp.selection_metric!r}")
+    if isinstance(tp, MultimodalTrainParams):
+        allowed = STAGE_SPECS[stage].init_from
+        if tp.init_from not in allowed:
+            raise FeddmmrError(f"{stage}.init_from must be one of {', '.join(allowed)}, got {tp.init_from!r}")
+        for key in ("contrastive_weight", "surprise_alpha", "load_balance_weight"):
+            if getattr(tp, key) < 0:
+                raise FeddmmrError(f"{stage}.{key} must be >= 0, got {getattr(tp, key)}")
+        if tp.contrastive_temperature <= 0:
+            raise FeddmmrError(f"{stage}.contrastive_temperature must be > 0, got {tp.contrastive_temperature}")
 
+
+# ---------------------------------------------------------------------------------------------- training
 
 def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
-                progress: bool = True) -> dict:
-    """Train ``stage`` federatedly, keep the best validation round, write checkpoint and metrics."""
-    if stage not in STAGES:
+                progress: bool = True, features_dir: str | Path = "features", init_dir: str | Path | None = None) -> dict:
+    """Train ``stage`` federatedly, keep the best validation round, write checkpoint and metrics.
+
+    ``init_dir``: the checkpoint to start from (default: the ``<init_from>`` directory beside ``out_dir``).
+    """
+    if stage not in STAGE_SPECS:
         raise FeddmmrError(f"unknown stage {stage!r}; available: {', '.join(STAGES)}")
+    spec = STAGE_SPECS[stage]
     tp: TrainParams = getattr(params, stage)
     _check_train_params(tp, stage, params.evaluation.ks)
     data = load_prepared(data_dir)
-    tracker = StageRun(stage, flatten({"model": asdict(params.model), stage: asdict(tp),
-                                       "evaluation": asdict(params.evaluation), "data": {"dir": str(data_dir)}}),
-                       data.meta, enabled=params.tracking.enabled)
+    feats = load_stage_features(features_dir, data) if spec.multimodal else None
+    if spec.init_from:
+        init_dir = Path(init_dir) if init_dir is not None else Path(out_dir).parent / tp.init_from
+        if not (init_dir / "model.safetensors").is_file():
+            raise FeddmmrError(f"{stage} starts from {init_dir}, which holds no model.safetensors; train "
+                               f"{tp.init_from} first (`dvc repro {tp.init_from}`) or pass --init")
+    sections = {"model": asdict(params.model), stage: asdict(tp), "evaluation": asdict(params.evaluation),
+                "data": {"dir": str(data_dir)}}
+    if spec.multimodal:
+        sections.update(multimodal=asdict(params.multimodal), memory=asdict(params.memory),
+                        features={m: {"sha256": f["sha256"], "coverage": f["coverage"]} for m, f in feats.items()})
+    tracker = StageRun(stage, flatten(sections), data.meta, enabled=params.tracking.enabled)
     try:
-        return _train(stage, params, tp, data, data_dir, out_dir, metrics_path, progress, tracker)
+        return _train(stage, spec, params, tp, data, data_dir, out_dir, metrics_path, progress, tracker, feats, init_dir)
     except BaseException:
         tracker.fail()
         raise
@@ -81,51 +243,119 @@ def _round_metrics(val: dict, prefix: str = "val") -> dict[str, float]:
     return {f"{prefix}.{k}": v for k, v in flatten(val).items()}
 
 
-def _train(stage: str, params: Params, tp: TrainParams, data: Prepared, data_dir, out_dir, metrics_path,
-           progress: bool, tracker: StageRun) -> dict:
+@torch.no_grad()
+def router_stats(model: FedDMMR) -> dict[str, float]:
+    """Mean router weights over the items that have a modality, and the residual gate."""
+    if not model.multimodal:
+        return {}
+    w = model._tables()["route"]                      # [I+1, 2]
+    has = model.avail.any(-1)
+    both = model.avail.all(-1)
+    out = {"gating_weight": float(model.gating_weight), "router.w_vis": float(w[has, 0].mean()),
+           "router.w_sem": float(w[has, 1].mean())}
+    if both.any():
+        out["router.w_vis_both"] = float(w[both, 0].mean())
+    return out
+
+
+def _train(stage: str, spec: StageSpec, params: Params, tp: TrainParams, data: Prepared, data_dir, out_dir,
+           metrics_path, progress: bool, tracker: StageRun, feats: dict | None, init_dir: Path | None) -> dict:
     torch.manual_seed(tp.seed)
     device = resolve_device(tp.device, stage)
-    model = build_model(params, data).to(device)
+    dims = {m: f["dim"] for m, f in feats.items()} if feats else {}
+    model = build_model(params, data, spec.multimodal, dims.get("text", 0), dims.get("visual", 0))
+    feature_sha = {m: f["sha256"] for m, f in feats.items()} if feats else None
+    report, memory, lineage, groups = None, None, [], {}
+    if init_dir is not None:
+        report = load_groups(model, init_dir, data, feature_sha)
+        src = read_json(Path(init_dir) / "config.json", "checkpoint config")
+        lineage = list(src.get("lineage", [])) + [src["stage"]]
+        groups = {g: dict(report["groups"].get(g) or {"initialized_in": src["stage"], "trained_in": [src["stage"]]})
+                  for g in report["loaded"]}
+        log.info("%s: loaded %s from %s; initialised %s", stage,
+                 ", ".join(f"{g} ({n} tensors)" for g, n in report["loaded"].items()), init_dir,
+                 ", ".join(report["initialized"]) or "nothing")
+    for g in sorted({group_of(k) for k, _ in model.named_parameters()}):
+        groups.setdefault(g, {"initialized_in": stage, "trained_in": []})
+        if g in spec.trains:
+            groups[g] = {**groups[g], "trained_in": groups[g]["trained_in"] + [stage]}
+    if spec.multimodal:
+        model.set_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
+                           feats["text"]["mask"])
+        memory = _memory(params, data, feats)
+        mem_file = Path(init_dir) / "memory.safetensors" if init_dir is not None else None
+        if mem_file is not None and mem_file.is_file():
+            try:
+                memory.load_state_dict(load_tensors(mem_file, "client memory of the previous stage", FIX))
+            except ValueError as exc:
+                raise FeddmmrError(f"{mem_file}: {exc}; keep the memory params of the previous stage or "
+                                   f"re-run it (`dvc repro`)") from None
+            log.info("%s: continuing the client memories of %s (%d clients)", stage, init_dir,
+                     int((memory.participations > 0).sum()))
+    model = model.to(device)
+    trainable = {k for k, _ in model.named_parameters() if group_of(k) in spec.trains}
     pool = ClientPool(data)
+    if memory is not None and params.memory.warmup and not memory.participations.any():
+        t0 = time.perf_counter()
+        writes = warm_memories(model, pool, memory, tp)
+        log.info("%s: filled %d client memories in %.1fs (%d long-term writes)", stage, data.num_users,
+                 time.perf_counter() - t0, writes)
     evaluator = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size)
     executor = EXECUTORS[tp.executor]
     server = ServerOptimizer(tp.server_optimizer, tp.server_lr, tp.server_momentum)
+    if report is not None:
+        tracker.log_dict(report, "load_report.json")
 
-    val0 = evaluator.evaluate(model, "val")
-    tracker.log_metrics(_round_metrics(val0), step=0)
-    history = {"round": [0], "train_loss": [None], "val": [val0], "clients": [0], "seconds": [0.0]}
-    best_score, best_round = pick(val0, tp.selection_metric), 0
-    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    val0 = evaluator.evaluate(model, "val", memory)
+    gate0 = router_stats(model)
+    tracker.log_metrics({**_round_metrics(val0), **gate0}, step=0)
+    history = {"round": [0], "train_loss": [None], "val": [val0], "clients": [0], "seconds": [0.0],
+               "router": [gate0], "memory_writes": [0], "mean_surprise": [None]}
+    best_score, best_round, improved_round = pick(val0, tp.selection_metric), 0, 0
+    snapshot = lambda: ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},  # noqa: E731
+                        memory.state_dict() if memory else None)
+    best_state, best_memory = snapshot()
     with logging_redirect_tqdm():
         bar = tqdm(range(1, tp.rounds + 1), desc=stage, unit="round", disable=not progress, dynamic_ncols=True)
         for rnd in bar:
             t0 = time.perf_counter()
             clients = select_clients(data.num_users, tp.client_fraction, rnd, tp.seed)
             model.train()
-            result = executor(model, clients, pool, rnd, tp)
+            result = executor(model, clients, pool, rnd, tp, trainable, memory)
             model.load_state_dict(server.step({k: v.detach() for k, v in model.state_dict().items()}, result.state))
-            val = evaluator.evaluate(model, "val")
+            val = evaluator.evaluate(model, "val", memory)
             seconds = time.perf_counter() - t0
             score = pick(val, tp.selection_metric)
+            gates = router_stats(model)
             for key, value in (("round", rnd), ("train_loss", result.train_loss), ("val", val),
-                               ("clients", result.clients), ("seconds", seconds)):
+                               ("clients", result.clients), ("seconds", seconds), ("router", gates),
+                               ("memory_writes", result.memory_writes), ("mean_surprise", result.mean_surprise)):
                 history[key].append(value)
             if score > best_score:
-                best_score, best_round = score, rnd
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            tracker.log_metrics({"train_loss": result.train_loss, "round_seconds": seconds, **_round_metrics(val)}, rnd)
+                best_score, improved_round = score, rnd
+            if improved_round == rnd or tp.keep == "last":
+                best_round = rnd
+                best_state, best_memory = snapshot()
+            extra = {"memory_writes": result.memory_writes, "mean_surprise": result.mean_surprise} if memory else {}
+            tracker.log_metrics({"train_loss": result.train_loss, "round_seconds": seconds, **_round_metrics(val),
+                                 **gates, **extra}, rnd)
             bar.set_postfix(loss=f"{result.train_loss:.3f}", **{tp.selection_metric: f"{score:.4f}"}, best=best_round)
-            log.info("%s round %d: loss %.4f val %s %.4f (%.1fs, %d clients)", stage, rnd, result.train_loss,
-                     tp.selection_metric, score, seconds, result.clients)
-            if rnd - best_round >= tp.patience:
-                log.info("%s: early stop at round %d (best round %d)", stage, rnd, best_round)
+            log.info("%s round %d: loss %.4f val %s %.4f (%.1fs, %d clients)%s", stage, rnd, result.train_loss,
+                     tp.selection_metric, score, seconds, result.clients,
+                     "".join(f" {k} {v:.3f}" for k, v in gates.items()))
+            if rnd - improved_round >= tp.patience:
+                log.info("%s: early stop at round %d (best round %d)", stage, rnd, improved_round)
                 break
         bar.close()
 
     model.load_state_dict(best_state)
-    test = evaluator.evaluate(model, "test")
+    if memory is not None:
+        memory.load_state_dict(best_memory)   # the memories as they were at the best round
+    test = evaluator.evaluate(model, "test", memory)
     history["best_round"] = best_round
     history["test"] = test
+    if memory is not None:
+        history["memory"] = memory.summary()
     train_seconds = history["seconds"][1:]
     metrics = {
         "stage": stage,
@@ -135,8 +365,11 @@ def _train(stage: str, params: Params, tp: TrainParams, data: Prepared, data_dir
         "val": history["val"][best_round],
         "test": test,
     }
+    if spec.multimodal:
+        metrics["gating_weight"] = history["router"][best_round]["gating_weight"]
     config = {
         "stage": stage,
+        "lineage": lineage,
         "model": asdict(params.model),
         "num_items": data.num_items,
         "max_seq_len": data.max_seq_len,
@@ -144,38 +377,62 @@ def _train(stage: str, params: Params, tp: TrainParams, data: Prepared, data_dir
         "train": asdict(tp),
         "data": {"dir": str(data_dir), "source_sha256": data.meta["source_sha256"],
                  "num_interactions": data.meta["num_interactions"]},
+        "groups": groups,
         "best_round": best_round,
         "torch": torch.__version__,
     }
+    if spec.multimodal:
+        config.update(multimodal=asdict(params.multimodal), memory=asdict(params.memory), feature_dims=dims,
+                      features=feature_sha)
+    artifacts = ["config.json", "train_history.json"] + (["load_report.json"] if report else [])
     with atomic_dir(out_dir) as tmp:
         save_tensors(tmp / "model.safetensors", model.state_dict(), metadata={"stage": stage})
+        if memory is not None:
+            save_tensors(tmp / "memory.safetensors", memory.state_dict(), metadata={"stage": stage})
         write_json(tmp / "config.json", config)
         write_json(tmp / "train_history.json", history)
+        if report:
+            write_json(tmp / "load_report.json", report)
     write_json(metrics_path, metrics)
+    diff = None
+    if init_dir is not None:
+        from .tracking import stage_diff
+        diff = stage_diff(init_dir, out_dir)
     tracker.finish({"best_round": best_round, **_round_metrics(test, "test"), **_round_metrics(metrics["val"], "best_val")},
-                   [Path(out_dir) / "config.json", Path(out_dir) / "train_history.json", Path(metrics_path)], Path(out_dir))
+                   [Path(out_dir) / a for a in artifacts] + [Path(metrics_path)], Path(out_dir), param_diff=diff)
     return metrics
 
 
-def load_checkpoint(ckpt_dir: str | Path, data: Prepared | None = None) -> tuple[SASRec, dict]:
-    """Rebuild the model of a stage checkpoint and load every tensor, failing on any mismatch."""
+def load_checkpoint(ckpt_dir: str | Path, data: Prepared | None = None,
+                    features_dir: str | Path = "features") -> tuple[FedDMMR, dict, MemoryBank | None]:
+    """Rebuild a stage checkpoint's model (features and client memory included), failing on any mismatch."""
     ckpt_dir = Path(ckpt_dir)
-    fix = "re-run the stage that writes it (`dvc repro`)"
     config = read_json(ckpt_dir / "config.json", "checkpoint config")
-    if data is not None and (data.num_items != config["num_items"] or data.max_seq_len != config["max_seq_len"]):
-        raise FeddmmrError(f"{ckpt_dir} was trained on {config['num_items']} items / L={config['max_seq_len']}, "
-                           f"but the prepared data has {data.num_items} items / L={data.max_seq_len}; {fix}")
-    from .io import load_tensors
-    state = load_tensors(ckpt_dir / "model.safetensors", "checkpoint weights", fix)
-    mp = config["model"]
-    model = SASRec(num_items=config["num_items"], max_seq_len=config["max_seq_len"], hidden=mp["hidden"],
-                   blocks=mp["blocks"], heads=mp["heads"], ffn_hidden=mp["ffn_hidden"], dropout=mp["dropout"])
+    if data is not None:
+        _check_same_data(ckpt_dir, config, data)
+    state = load_tensors(ckpt_dir / "model.safetensors", "checkpoint weights", FIX)
+    model = _model_from_config(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong:
         raise FeddmmrError(f"{ckpt_dir / 'model.safetensors'} does not match its config: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}; {fix}")
+                           f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}; {FIX}")
     model.load_state_dict(state, strict=True)
-    return model, config
+    memory = None
+    if model.multimodal:
+        if data is None:
+            raise FeddmmrError(f"{ckpt_dir} is a multimodal checkpoint: evaluating it needs the prepared data")
+        feats = load_stage_features(features_dir, data)
+        stale = [m for m in ("text", "visual") if (config.get("features") or {}).get(m) != feats[m]["sha256"]]
+        if stale:
+            raise FeddmmrError(f"{ckpt_dir} was trained on other {', '.join(stale)} features than those in "
+                               f"{features_dir}; pass --features with the stage's features or re-run it (`dvc repro`)")
+        model.set_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
+                           feats["text"]["mask"])
+        mp = config["memory"]
+        memory = MemoryBank(config["num_users"], mp["st_capacity"], mp["lt_capacity"], mp["retrieve_lt"],
+                            mp["surprise_threshold"], mp["merge_threshold"], mp["half_life"])
+        memory.load_state_dict(load_tensors(ckpt_dir / "memory.safetensors", "client memory", FIX))
+    return model, config, memory

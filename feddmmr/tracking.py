@@ -119,10 +119,22 @@ class StageRun:
         batch = [Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items() if v is not None]
         self.client.log_batch(self.run_id, metrics=batch)
 
-    def finish(self, final_metrics: dict[str, float], artifacts: list[Path], checkpoint: Path, status: str = "FINISHED") -> None:
+    def log_dict(self, obj: dict, name: str) -> None:
+        if self.enabled:
+            self.client.log_dict(self.run_id, obj, name)
+
+    def finish(self, final_metrics: dict[str, float], artifacts: list[Path], checkpoint: Path, status: str = "FINISHED",
+               param_diff: dict | None = None) -> None:
+        """Final metrics, artifacts, checkpoint reference and, for a later stage, the diff to the previous stage."""
         if not self.enabled:
             return
         self.log_metrics(final_metrics, step=0)
+        if param_diff is not None:
+            self.client.log_dict(self.run_id, param_diff, "param_diff.json")
+            self.client.log_text(self.run_id, format_diff(param_diff), "param_diff.txt")
+            frozen = sorted(m for m, v in param_diff["modules"].items() if not v["changed"])
+            self.client.set_tag(self.run_id, "previous_stage_checkpoint", param_diff["previous"])
+            self.client.set_tag(self.run_id, "unchanged_modules", ", ".join(frozen)[:5000] or "none")
         for path in artifacts:
             self.client.log_artifact(self.run_id, str(path))
         weights = checkpoint / "model.safetensors"
@@ -179,11 +191,9 @@ def compare(pipeline: str | None = None, protocol: str = "full") -> str:
 
 
 def module_of(name: str) -> str:
-    """Group a tensor name into its module: blocks.0.attn.qkv.weight -> blocks.0.attn, item_emb.weight -> item_emb."""
-    parts = name.split(".")
-    if parts[0] == "blocks" and len(parts) > 2:
-        return ".".join(parts[:3])
-    return parts[0]
+    """Module of a tensor: sasrec.blocks.0.attn.qkv.weight -> sasrec.blocks.0.attn, router.mlp.0.weight -> router.mlp."""
+    parts = name.split(".")[:-1] or [name]
+    return ".".join(parts[:4] if parts[:2] == ["sasrec", "blocks"] else parts[:2])
 
 
 def stage_diff(prev_ckpt: str | Path, ckpt: str | Path) -> dict:
@@ -206,7 +216,8 @@ def stage_diff(prev_ckpt: str | Path, ckpt: str | Path) -> dict:
     for name in sorted(set(old) & set(new)):
         if old[name].shape != new[name].shape:
             continue
-        m = modules.setdefault(module_of(name), {"tensors": 0, "sq_delta": 0.0, "sq_old": 0.0, "changed": False})
+        m = modules.setdefault(module_of(name), {"group": _group(name), "tensors": 0, "sq_delta": 0.0, "sq_old": 0.0,
+                                                 "changed": False})
         d = (new[name].double() - old[name].double())
         m["tensors"] += 1
         m["sq_delta"] += float((d * d).sum())
@@ -221,11 +232,23 @@ def stage_diff(prev_ckpt: str | Path, ckpt: str | Path) -> dict:
             "reshaped": sorted(k for k in set(old) & set(new) if old[k].shape != new[k].shape)}
 
 
+def _group(name: str) -> str:
+    from .model import group_of
+    try:
+        return group_of(name)
+    except KeyError:
+        return "-"
+
+
 def format_diff(diff: dict) -> str:
-    lines = [f"{'module':28s} {'changed':>8s} {'L2 delta':>12s} {'relative':>10s}"]
+    lines = [f"{'module':28s} {'group':16s} {'changed':>8s} {'L2 delta':>12s} {'relative':>10s}"]
     for name, m in diff["modules"].items():
         rel = "-" if m["relative_delta"] is None else f"{m['relative_delta']:.4f}"
-        lines.append(f"{name:28s} {('yes' if m['changed'] else 'no'):>8s} {m['l2_delta']:12.4f} {rel:>10s}")
+        lines.append(f"{name:28s} {m.get('group', '-'):16s} {('yes' if m['changed'] else 'no'):>8s} "
+                     f"{m['l2_delta']:12.4f} {rel:>10s}")
+    if diff.get("added"):
+        lines.append(f"added (initialised in this stage): {len(diff['added'])} tensors in "
+                     f"{', '.join(sorted({module_of(k) for k in diff['added']}))}")
     for key, (a, b) in diff["config"].items():
         lines.append(f"config {key}: {a!r} -> {b!r}")
     return "\n".join(lines)

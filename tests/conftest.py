@@ -59,7 +59,9 @@ def write_tiny_project(root: Path, top_k_users: int = 40, eval_negatives: int = 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"].update(top_k_users=top_k_users, eval_negatives=eval_negatives)
     params["model"].update(hidden=16, heads=2, ffn_hidden=16, blocks=1)
-    params["pretrain_sasrec"].update(rounds=2, client_fraction=0.5, num_negatives=4)
+    for stage in ("pretrain_sasrec", "align_projectors", "finetune_moe"):
+        params[stage].update(rounds=2, client_fraction=0.5, num_negatives=4)
+    params["memory"].update(st_capacity=3, lt_capacity=8, retrieve_lt=4)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
@@ -92,3 +94,37 @@ def wait_for_http(url: str, proc, what: str, timeout: float = 120) -> None:
             if time.time() > deadline or proc.poll() is not None:
                 pytest.fail(f"{what} did not start within {timeout:.0f} s")
             time.sleep(1)
+
+
+def write_tiny_features(root: Path, num_items: int, text_dim: int = 24, visual_dim: int = 16, seed: int = 0,
+                        visual: bool = True) -> Path:
+    """Random unit-norm feature files in the layout `feddmmr features` writes (root/text, root/visual).
+
+    Every fifth item has no text and every third no poster, so the masked paths are exercised.
+    """
+    import torch
+
+    from feddmmr.io import save_tensors
+    g = torch.Generator().manual_seed(seed)
+    for modality, dim, every in (("text", text_dim, 5), ("visual", visual_dim, 3)):
+        feats = torch.nn.functional.normalize(torch.randn(num_items + 1, dim, generator=g), dim=-1)
+        mask = torch.ones(num_items + 1, dtype=torch.bool)
+        mask[0] = False
+        mask[::every] = False
+        if modality == "visual" and not visual:
+            mask[:] = False
+        (root / modality).mkdir(parents=True, exist_ok=True)
+        save_tensors(root / modality / "features.safetensors", {"features": feats * mask.unsqueeze(-1), "mask": mask})
+    return root
+
+
+def tiny_stage_params(**train) -> Params:
+    """tiny_params with short multimodal stages."""
+    p = tiny_params(**train)
+    p.memory.st_capacity, p.memory.lt_capacity, p.memory.retrieve_lt = 3, 6, 4
+    p.memory.surprise_threshold = 0.3
+    for stage in (p.align_projectors, p.finetune_moe):
+        stage.rounds, stage.client_fraction, stage.batch_size, stage.num_negatives, stage.patience = 2, 0.5, 2, 4, 5
+        for k, v in train.items():
+            setattr(stage, k, v)
+    return p

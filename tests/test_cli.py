@@ -40,7 +40,7 @@ def test_prepare_train_evaluate_end_to_end(tmp_path, tiny_csv):
     assert m["rounds_run"] == 3 and 0 <= m["best_round"] <= 3
     history = json.loads((ckpt / "train_history.json").read_text())
     assert history["round"] == [0, 1, 2, 3] and len(history["val"]) == 4
-    model, config = load_checkpoint(ckpt, load_prepared(data))
+    model, config, _ = load_checkpoint(ckpt, load_prepared(data))
     assert config["best_round"] == m["best_round"] and config["model"]["hidden"] == 16
     r = feddmmr("evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--split", "test", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -80,3 +80,29 @@ def test_cuda_device_without_gpu_is_a_clear_error(tmp_path, tiny_prepared):
                 cwd=tmp_path)
     assert r.returncode == 2 and "no CUDA device is available" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "ck").exists()
+
+
+def test_three_stage_chain_through_the_cli(tmp_path, tiny_prepared):
+    from conftest import write_tiny_features
+    feats = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared).num_items)
+    stage_args = [f"-S {s}.{k}={v}".split(" ", 1) for s in ("align_projectors", "finetune_moe")
+                  for k, v in (("rounds", 2), ("client_fraction", 0.5), ("batch_size", 2), ("num_negatives", 4))]
+    common = [*TINY, *[a for pair in stage_args for a in pair], "-S", "memory.st_capacity=3",
+              "-S", "memory.lt_capacity=6", "-S", "memory.retrieve_lt=4", "-S", "tracking.enabled=false"]
+    ck = tmp_path / "checkpoints"
+    r = feddmmr("-q", "train", "--stage", "align_projectors", "--data", str(tiny_prepared), "--features", str(feats),
+                "--out", str(ck / "align_projectors"), *common, cwd=tmp_path)
+    assert r.returncode == 2 and "train pretrain_sasrec first" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for stage in ("pretrain_sasrec", "align_projectors", "finetune_moe"):
+        r = feddmmr("-q", "train", "--stage", stage, "--data", str(tiny_prepared), "--features", str(feats),
+                    "--out", str(ck / stage), "--metrics", str(tmp_path / f"{stage}.json"), *common, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "finetune_moe.json").read_text())
+    assert "gating_weight" in m
+    r = feddmmr("evaluate", "--checkpoint", str(ck / "finetune_moe"), "--data", str(tiny_prepared),
+                "--features", str(feats), *common, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["full"] == m["test"]["full"]
+    r = feddmmr("evaluate", "--checkpoint", str(ck / "finetune_moe"), "--data", str(tiny_prepared),
+                "--features", str(tmp_path / "elsewhere"), cwd=tmp_path)
+    assert r.returncode == 2 and "feature file not found" in r.stderr and "Traceback" not in r.stderr

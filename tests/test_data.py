@@ -53,8 +53,9 @@ def test_leave_one_out_split_and_windows(tmp_path):
     assert target.tolist() == [6] and x.tolist() == [[3, 4, 5]] and hist[0].tolist() == [1, 2, 3, 4, 5]
     x, target, _ = eval_inputs(data, "test")
     assert target.tolist() == [7] and x.tolist() == [[4, 5, 6]]
-    wx, wy, owner = train_windows(data)  # train seq 1..5: inputs 1..4 -> targets 2..5, cut from the end
+    wx, wy, wpos, owner = train_windows(data)  # train seq 1..5: inputs 1..4 -> targets 2..5, cut from the end
     assert wx.tolist() == [[2, 3, 4], [0, 0, 1]] and wy.tolist() == [[3, 4, 5], [0, 0, 2]]
+    assert wpos.tolist() == [[2, 3, 4], [0, 0, 1]]  # index of each target in the user's sequence
     assert owner.tolist() == [0, 0]
 
 

@@ -15,7 +15,7 @@ def setup(tiny_prepared):
 
 @pytest.mark.parametrize("epochs, optimizer, trainable", [
     (1, "adam", None), (2, "adam", None), (1, "sgd", None),
-    (1, "adam", {"blocks.0.attn.qkv.weight", "final_ln.bias"}),
+    (1, "adam", {"sasrec.blocks.0.attn.qkv.weight", "sasrec.final_ln.bias"}),
 ])
 def test_vectorized_equals_sequential_reference(setup, epochs, optimizer, trainable):
     data, pool = setup
@@ -51,7 +51,7 @@ def test_fedavg_weights_clients_by_their_training_targets(setup):
     both = train_round_vectorized(model, [a, b], pool, 3, params.pretrain_sasrec)
     wa, wb = float(pool.num_targets[a]), float(pool.num_targets[b])
     assert wa == len(data.sequence(a)) - 3
-    k = "item_emb.weight"
+    k = "sasrec.item_emb.weight"
     torch.testing.assert_close(both.state[k], (wa * ra.state[k] + wb * rb.state[k]) / (wa + wb), rtol=1e-4, atol=1e-5)
 
 
@@ -96,3 +96,42 @@ def test_fedadam_first_step_moves_each_changed_coordinate_by_lr():
     out = opt.step(cur, {"a": torch.tensor([1e-3, -2.0, 0.5, 0.0]), "frozen": torch.ones(2)})
     torch.testing.assert_close(out["a"], torch.tensor([0.01, -0.01, 0.01, 0.0]), rtol=1e-4, atol=1e-6)
     assert torch.equal(out["frozen"], cur["frozen"])
+
+
+@pytest.mark.parametrize("trainable_groups", [None, {"projections", "gate"}])
+def test_multimodal_executors_agree_on_weights_and_memories(setup, trainable_groups, tmp_path):
+    """Stages 2-3: both executors give the same aggregate and the same client memories."""
+    from conftest import tiny_stage_params, write_tiny_features
+    from feddmmr.model import group_of
+    from feddmmr.stages import _memory, load_stage_features
+    data, pool = setup
+    params = tiny_stage_params(clients_per_chunk=3)
+    params.model.dropout = 0.0
+    tp = params.finetune_moe
+    tp.load_balance_weight = 0.1
+    feats = load_stage_features(write_tiny_features(tmp_path, data.num_items), data)
+    torch.manual_seed(0)
+    model = build_model(params, data, True, 24, 16)
+    model.set_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
+                       feats["text"]["mask"])
+    with torch.no_grad():  # as after some training: experts and router active, so every loss term has gradient
+        for e in (model.visual_expert, model.semantic_expert):
+            e.value.weight.normal_(0, 0.3)
+        model.router.mlp[-1].weight.normal_(0, 0.3)
+    trainable = None if trainable_groups is None else {k for k, _ in model.named_parameters()
+                                                        if group_of(k) in trainable_groups}
+    clients = select_clients(data.num_users, 0.5, rnd=1, seed=0)
+    mems = [_memory(params, data, feats) for _ in range(2)]
+    for mem in mems:  # a memory from an earlier round, so retrieval is non-empty
+        train_round_sequential(model, clients[:6], pool, 0, tp, trainable, mem)
+    seq = train_round_sequential(model, clients, pool, 1, tp, trainable, mems[0])
+    vec = train_round_vectorized(model, clients, pool, 1, tp, trainable, mems[1])
+    assert abs(seq.train_loss - vec.train_loss) < 1e-4 and seq.memory_writes == vec.memory_writes > 0
+    before = dict(model.named_parameters())
+    for k in seq.state:
+        torch.testing.assert_close(vec.state[k], seq.state[k], rtol=1e-4, atol=1e-5, msg=k)
+        moved = not torch.equal(seq.state[k], before[k].detach())
+        if trainable is not None:
+            assert moved == (k in trainable), k
+    a, b = mems[0].state_dict(), mems[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -104,13 +104,13 @@ def test_stage_diff_reports_config_changes_and_frozen_modules(tiny_prepared, tmp
     # a "next stage" checkpoint: item embeddings frozen (identical), the rest moved, one config key changed
     (tmp_path / "b").mkdir()
     state = load_tensors(tmp_path / "a" / "model.safetensors", "w", "")
-    moved = {k: (v if k.startswith("item_emb") else v + 0.01) for k, v in state.items()}
+    moved = {k: (v if k.startswith("sasrec.item_emb") else v + 0.01) for k, v in state.items()}
     save_tensors(tmp_path / "b" / "model.safetensors", moved)
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     cfg["train"]["lr"] = 0.5
     (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
     diff = stage_diff(tmp_path / "a", tmp_path / "b")
     assert diff["config"] == {"train.lr": [params.pretrain_sasrec.lr, 0.5]}
-    assert diff["modules"]["item_emb"]["changed"] is False and diff["modules"]["item_emb"]["l2_delta"] == 0.0
-    assert diff["modules"]["blocks.0.attn"]["changed"] is True and diff["modules"]["blocks.0.attn"]["l2_delta"] > 0
-    assert "item_emb" in format_diff(diff)
+    assert diff["modules"]["sasrec.item_emb"]["changed"] is False and diff["modules"]["sasrec.item_emb"]["l2_delta"] == 0.0
+    assert diff["modules"]["sasrec.blocks.0.attn"]["changed"] is True and diff["modules"]["sasrec.blocks.0.attn"]["l2_delta"] > 0
+    assert "sasrec.item_emb" in format_diff(diff)

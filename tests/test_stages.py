@@ -1,0 +1,154 @@
+"""Stages 2-3: explicit parameter groups, load reports, frozen tensors bit-identical, the 2-stage path."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_stage_params, write_tiny_features
+from feddmmr.data import load_prepared
+from feddmmr.errors import FeddmmrError
+from feddmmr.io import load_tensors, save_tensors
+from feddmmr.model import group_of
+from feddmmr.stages import build_model, load_checkpoint, train_stage
+
+
+def _params(**kw):
+    p = tiny_stage_params(rounds=2, keep="last", **kw)  # "last": the checkpoint holds trained weights
+    p.tracking.enabled = False
+    return p
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_prepared, tmp_path_factory):
+    """All three stages on tiny data with both modalities (some items masked in each)."""
+    root = tmp_path_factory.mktemp("chain")
+    data = load_prepared(tiny_prepared)
+    feats = write_tiny_features(root / "features", data.num_items)
+    p = _params()
+    for stage in ("pretrain_sasrec", "align_projectors", "finetune_moe"):
+        train_stage(stage, p, tiny_prepared, root / "ck" / stage, root / f"{stage}.json", progress=False,
+                    features_dir=feats)
+    return root, p
+
+
+def _weights(root, stage):
+    return load_tensors(root / "ck" / stage / "model.safetensors", "w", "")
+
+
+def _changed_groups(a, b):
+    out = {}
+    for k in b:
+        if k in a:
+            out.setdefault(group_of(k), False)
+            out[group_of(k)] |= not torch.equal(a[k], b[k])
+    return out
+
+
+def test_align_projectors_trains_only_projections_and_gate(chain, tiny_prepared):
+    root, p = chain
+    s1, s2 = _weights(root, "pretrain_sasrec"), _weights(root, "align_projectors")
+    assert set(s1) < set(s2)
+    assert _changed_groups(s1, s2) == {"item_embeddings": False, "backbone": False}   # bit-identical to stage 1
+    torch.manual_seed(p.align_projectors.seed)  # the stage's initialisation, rebuilt
+    fresh = build_model(p, load_prepared(tiny_prepared), True, 24, 16).state_dict()
+    changed = _changed_groups(fresh, {k: v for k, v in s2.items() if k not in s1})
+    assert changed == {"projections": True, "gate": True, "experts": False, "router": False}
+    report = json.loads((root / "ck" / "align_projectors" / "load_report.json").read_text())
+    assert set(report["loaded"]) == {"item_embeddings", "backbone"} and report["source_stage"] == "pretrain_sasrec"
+    assert set(report["initialized"]) == {"projections", "gate", "experts", "router"}
+    assert report["missing"] == report["unexpected"] == report["mismatched"] == []
+    config = json.loads((root / "ck" / "align_projectors" / "config.json").read_text())
+    assert config["lineage"] == ["pretrain_sasrec"]
+    assert config["groups"]["backbone"]["trained_in"] == ["pretrain_sasrec"]
+    assert config["groups"]["projections"] == {"initialized_in": "align_projectors", "trained_in": ["align_projectors"]}
+
+
+def test_finetune_moe_trains_all_but_item_embeddings(chain):
+    root, _ = chain
+    s1, s2, s3 = (_weights(root, s) for s in ("pretrain_sasrec", "align_projectors", "finetune_moe"))
+    assert set(s3) == set(s2)
+    changed = _changed_groups(s2, s3)
+    assert changed.pop("item_embeddings") is False
+    assert all(changed.values()), changed   # backbone, projections, gate, experts, router all moved
+    assert torch.equal(s3["sasrec.item_emb.weight"], s1["sasrec.item_emb.weight"])
+    for expert in ("visual_expert", "semantic_expert"):
+        assert not torch.equal(s3[f"{expert}.value.weight"], s2[f"{expert}.value.weight"])
+    report = json.loads((root / "ck" / "finetune_moe" / "load_report.json").read_text())
+    assert set(report["loaded"]) == {"item_embeddings", "backbone", "projections", "gate", "experts", "router"}
+    assert report["initialized"] == []
+    history = json.loads((root / "ck" / "finetune_moe" / "train_history.json").read_text())
+    gates = [r["gating_weight"] for r in history["router"]]
+    assert len(gates) == 3 and len(set(gates)) > 1                       # logged per round, and learning
+    assert all(0 < r["router.w_vis"] < 1 and abs(r["router.w_vis_both"] + 0) >= 0 for r in history["router"])
+
+
+def test_memory_is_kept_with_the_checkpoint_and_used_in_evaluation(chain, tiny_prepared):
+    root, p = chain
+    model, config, memory = load_checkpoint(root / "ck" / "finetune_moe", load_prepared(tiny_prepared),
+                                            root / "features")
+    assert memory is not None and (memory.participations > 0).any() and (memory.lt_ids > 0).any()
+    from feddmmr.metrics import Evaluator
+    ev = Evaluator(load_prepared(tiny_prepared), p.evaluation.ks, p.evaluation.batch_size)
+    with_memory = ev.evaluate(model, "test", memory)
+    assert with_memory["full"] == json.loads((root / "finetune_moe.json").read_text())["test"]["full"]
+    state = memory.state_dict()
+    s2 = load_tensors(root / "ck" / "align_projectors" / "memory.safetensors", "m", "")
+    assert int(state["clock"].sum()) > int(s2["clock"].sum())           # stage 3 continued stage 2's memories
+
+
+def test_two_stage_path_skips_align_projectors(chain, tiny_prepared, tmp_path):
+    root, _ = chain
+    p = _params()
+    p.finetune_moe.init_from = "pretrain_sasrec"
+    m = train_stage("finetune_moe", p, tiny_prepared, tmp_path / "finetune_moe", tmp_path / "m.json", progress=False,
+                    features_dir=root / "features", init_dir=root / "ck" / "pretrain_sasrec")
+    assert m["best_round"] >= 0
+    report = json.loads((tmp_path / "finetune_moe" / "load_report.json").read_text())
+    assert set(report["loaded"]) == {"item_embeddings", "backbone"}
+    assert set(report["initialized"]) == {"projections", "gate", "experts", "router"}
+    s1, s3 = _weights(root, "pretrain_sasrec"), load_tensors(tmp_path / "finetune_moe" / "model.safetensors", "w", "")
+    assert torch.equal(s3["sasrec.item_emb.weight"], s1["sasrec.item_emb.weight"])
+
+
+def test_loading_fails_loudly_on_partial_or_mismatched_checkpoints(chain, tiny_prepared, tmp_path):
+    root, _ = chain
+    p = _params()
+
+    def run(src):
+        return train_stage("align_projectors", p, tiny_prepared, tmp_path / "out", tmp_path / "m.json",
+                           progress=False, features_dir=root / "features", init_dir=src)
+
+    bad = tmp_path / "partial"
+    shutil.copytree(root / "ck" / "pretrain_sasrec", bad)
+    state = load_tensors(bad / "model.safetensors", "w", "")
+    save_tensors(bad / "model.safetensors", {k: v for k, v in state.items() if k != "sasrec.blocks.0.ffn.0.weight"})
+    with pytest.raises(FeddmmrError, match=r"missing tensors \['sasrec.blocks.0.ffn.0.weight'\]"):
+        run(bad)
+    save_tensors(bad / "model.safetensors", {k: v for k, v in state.items() if not k.startswith("sasrec.item_emb")})
+    with pytest.raises(FeddmmrError, match=r"required groups absent \['item_embeddings'\]"):
+        run(bad)
+    save_tensors(bad / "model.safetensors", {**state, "sasrec.pos_emb.weight": torch.zeros(3, 16)})
+    with pytest.raises(FeddmmrError, match="shape mismatch.*sasrec.pos_emb.weight"):
+        run(bad)
+    save_tensors(bad / "model.safetensors", {**state, "head.weight": torch.zeros(3)})
+    with pytest.raises(FeddmmrError, match=r"unexpected \['head.weight'\]"):
+        run(bad)
+    with pytest.raises(FeddmmrError, match="holds no model.safetensors.*train pretrain_sasrec first"):
+        run(tmp_path / "nowhere")
+    assert not (tmp_path / "out").exists()
+
+
+def test_stage3_refuses_projections_trained_on_other_features(chain, tiny_prepared, tmp_path):
+    root, _ = chain
+    other = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared).num_items, seed=5)
+    with pytest.raises(FeddmmrError, match="projections were trained on other text, visual features"):
+        train_stage("finetune_moe", _params(), tiny_prepared, tmp_path / "out", tmp_path / "m.json", progress=False,
+                    features_dir=other, init_dir=root / "ck" / "align_projectors")
+
+
+def test_multimodal_stage_needs_feature_files(chain, tiny_prepared, tmp_path):
+    root, _ = chain
+    with pytest.raises(FeddmmrError, match="feature file not found: .*text/features.safetensors"):
+        train_stage("align_projectors", _params(), tiny_prepared, tmp_path / "out", tmp_path / "m.json",
+                    progress=False, features_dir=tmp_path / "none", init_dir=root / "ck" / "pretrain_sasrec")
