@@ -19,7 +19,8 @@ from prefect.runtime import flow_run
 from feddmmr.config import load_params
 from feddmmr.errors import FeddmmrError
 
-STEPS = ("prepare", "features_text", "features_visual", "pretrain_sasrec")
+TRAIN_STEPS = ("pretrain_sasrec", "align_projectors", "finetune_moe")
+STEPS = ("prepare", "features_text", "features_visual") + TRAIN_STEPS
 DATA = "data/prepared"
 
 
@@ -47,8 +48,10 @@ def features_task(modality: str, params_file: str, overrides: list[str]) -> dict
 @task(retries=1, retry_delay_seconds=30, retry_condition_fn=transient)
 def train_task(stage: str, params_file: str, overrides: list[str]) -> dict:
     from feddmmr.stages import train_stage
-    return train_stage(stage, load_params(params_file, overrides), DATA, f"checkpoints/{stage}",
-                       f"metrics/{stage}.json", progress=False)
+    params = load_params(params_file, overrides)
+    init_from = getattr(getattr(params, stage), "init_from", "")
+    return train_stage(stage, params, DATA, f"checkpoints/{stage}", f"metrics/{stage}.json", progress=False,
+                       features_dir="features", init_dir=f"checkpoints/{init_from}" if init_from else None)
 
 
 @contextlib.contextmanager
@@ -77,14 +80,17 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides
         project_dir: the project checkout (holds params.yaml, data/, checkpoints/).
         params_file: parameters file, relative to project_dir.
         overrides: `section.key=value` overrides, e.g. ["pretrain_sasrec.rounds=20"].
-        steps: subset of prepare, features_text, features_visual, pretrain_sasrec (default: all).
+        steps: subset of prepare, features_text, features_visual, pretrain_sasrec, align_projectors,
+            finetune_moe (default: all; with finetune_moe.init_from=pretrain_sasrec, align_projectors
+            is skipped unless named).
     """
     overrides = list(overrides or [])
-    steps = list(steps or STEPS)
-    unknown = [s for s in steps if s not in STEPS]
+    unknown = [s for s in steps or [] if s not in STEPS]
     if unknown:
         raise FeddmmrError(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
-    load_params(Path(project_dir) / params_file, overrides)  # validate before any work
+    params = load_params(Path(project_dir) / params_file, overrides)  # validate before any work
+    if steps is None:  # the 2-stage path (finetune_moe from pretrain_sasrec) needs no align_projectors
+        steps = [s for s in STEPS if not (s == "align_projectors" and params.finetune_moe.init_from == "pretrain_sasrec")]
     results: dict = {}
     with contextlib.chdir(project_dir), _run_env(str(flow_run.id) if flow_run.id else None):
         if "prepare" in steps:
@@ -94,10 +100,10 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides
             if f"features_{modality}" in steps:
                 results[f"features_{modality}"] = report = features_task(modality, params_file, overrides)
                 print(f"{modality} features: {report['covered']}/{report['items']} items")
-        if "pretrain_sasrec" in steps:
-            results["pretrain_sasrec"] = m = train_task("pretrain_sasrec", params_file, overrides)
-            print(f"pretrain_sasrec: best round {m['best_round']}, test full NDCG@10 "
-                  f"{m['test']['full']['NDCG@10']:.4f}")
+        for stage in TRAIN_STEPS:
+            if stage in steps:
+                results[stage] = m = train_task(stage, params_file, overrides)
+                print(f"{stage}: best round {m['best_round']}, test full NDCG@10 {m['test']['full']['NDCG@10']:.4f}")
     return results
 
 

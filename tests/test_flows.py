@@ -28,7 +28,8 @@ def test_pipeline_flow_runs_every_step_and_tags_mlflow(harness, project, monkeyp
     state = pipeline(str(project), overrides=["pretrain_sasrec.rounds=1"], return_state=True)
     assert state.is_completed()
     result = state.result()
-    assert set(result) == {"prepare", "features_text", "features_visual", "pretrain_sasrec"}
+    assert set(result) == {"prepare", "features_text", "features_visual", "pretrain_sasrec", "align_projectors",
+                           "finetune_moe"}
     assert result["prepare"]["num_users"] == 40 and result["features_text"]["covered"] == result["prepare"]["num_items"]
     metrics = json.loads((project / "metrics" / "pretrain_sasrec.json").read_text())
     assert metrics["rounds_run"] == 1  # the override reached the stage
@@ -67,9 +68,10 @@ def test_flow_and_dvc_repro_produce_the_same_results(harness, project, tmp_path,
         assert r.returncode == 0, r.stdout + r.stderr
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns.db'}")
     assert pipeline(str(project), return_state=True).is_completed()
-    flow_metrics = json.loads((project / "metrics" / "pretrain_sasrec.json").read_text())
-    dvc_metrics = json.loads((twin / "metrics" / "pretrain_sasrec.json").read_text())
-    assert flow_metrics["test"] == dvc_metrics["test"] and flow_metrics["best_round"] == dvc_metrics["best_round"]
+    for stage in ("pretrain_sasrec", "align_projectors", "finetune_moe"):
+        flow_metrics = json.loads((project / "metrics" / f"{stage}.json").read_text())
+        dvc_metrics = json.loads((twin / "metrics" / f"{stage}.json").read_text())
+        assert flow_metrics["test"] == dvc_metrics["test"] and flow_metrics["best_round"] == dvc_metrics["best_round"]
     import numpy as np
     from safetensors.torch import load_file
     a, b = load_file(project / "features/text/features.safetensors"), load_file(twin / "features/text/features.safetensors")

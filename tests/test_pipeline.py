@@ -31,13 +31,18 @@ def project(tmp_path_factory):
 
 
 def test_dvc_repro_runs_every_stage_and_writes_metrics(project):
-    m = json.loads((project / "metrics" / "pretrain_sasrec.json").read_text())
-    assert m["rounds_run"] == 2 and 0 < m["test"]["sampled"]["HR@20"] <= 1
-    assert (project / "checkpoints" / "pretrain_sasrec" / "model.safetensors").is_file()
+    for stage in ("pretrain_sasrec", "align_projectors", "finetune_moe"):
+        m = json.loads((project / "metrics" / f"{stage}.json").read_text())
+        assert m["rounds_run"] == 2 and 0 < m["test"]["sampled"]["HR@20"] <= 1, stage
+        assert (project / "checkpoints" / stage / "model.safetensors").is_file()
+    for stage in ("align_projectors", "finetune_moe"):
+        assert (project / "checkpoints" / stage / "memory.safetensors").is_file()
+        report = json.loads((project / "checkpoints" / stage / "load_report.json").read_text())
+        assert {"item_embeddings", "backbone"} <= set(report["loaded"])
     meta = json.loads((project / "data" / "prepared" / "meta.json").read_text())
     assert meta["num_users"] == 60
     r = dvc("metrics", "show", "--json", cwd=project)
-    assert r.returncode == 0 and "pretrain_sasrec" in r.stdout
+    assert r.returncode == 0 and "finetune_moe" in r.stdout
 
 
 def test_dvc_repro_rebuilds_only_what_changed(project):
@@ -51,3 +56,18 @@ def test_dvc_repro_rebuilds_only_what_changed(project):
     assert r.returncode == 0, r.stderr
     assert "Stage 'prepare' didn't change, skipping" in r.stdout
     assert json.loads((project / "metrics" / "pretrain_sasrec.json").read_text())["rounds_run"] == 1
+    # the later stages depend on the retrained checkpoint, so they re-ran on it
+    report = json.loads((project / "checkpoints" / "align_projectors" / "load_report.json").read_text())
+    assert report["source_stage"] == "pretrain_sasrec"
+
+
+def test_two_stage_path_from_params(project):
+    """finetune_moe.init_from: pretrain_sasrec makes stage 3 depend on stage 1 directly."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune_moe"]["init_from"] = "pretrain_sasrec"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    r = dvc("repro", "finetune_moe", cwd=project)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "align_projectors" not in r.stdout
+    report = json.loads((project / "checkpoints" / "finetune_moe" / "load_report.json").read_text())
+    assert report["source_stage"] == "pretrain_sasrec" and set(report["loaded"]) == {"item_embeddings", "backbone"}

@@ -48,6 +48,7 @@ def test_deployment_run_through_the_api_completes_the_pipeline(tmp_path):
         assert metrics["rounds_run"] == 2
         assert (project / "features" / "text" / "features.safetensors").is_file()
         assert (project / "checkpoints" / "pretrain_sasrec" / "model.safetensors").is_file()
+        assert json.loads((project / "metrics" / "finetune_moe.json").read_text())["rounds_run"] == 2
 
         # the GPU deployment for the Docker work pool is accepted as declared (running it needs the image and a GPU)
         prefect("work-pool", "create", "feddmmr-docker", "--type", "docker")
