@@ -1,8 +1,10 @@
 """Benchmark: wall time of one federated round (vectorized vs the sequential reference) and of the
 batched evaluation of all users, on the ML-1M top-1000 subset when ../shared/data is present
-(else on the synthetic demo data).
+(else on the synthetic demo data). ``--stage align_projectors|finetune_moe`` times a multimodal
+stage (text features extracted first, visual masked; client memories filled by the warm-up pass).
 
-    python benchmarks/round_time.py [--clients 100] [--data-root ../shared/data] [--skip-sequential]
+    python benchmarks/round_time.py [--stage pretrain_sasrec] [--clients 100] [--data-root ../shared/data]
+                                    [--skip-sequential]
 """
 from __future__ import annotations
 
@@ -18,15 +20,18 @@ import torch
 
 from feddmmr.config import load_params
 from feddmmr.data import load_prepared, prepare
-from feddmmr.federated import ClientPool, select_clients, train_round_sequential, train_round_vectorized
+from feddmmr.federated import ClientPool, select_clients, train_round_sequential, train_round_vectorized, warm_memories
+from feddmmr.memory import MemoryBank
 from feddmmr.metrics import Evaluator
-from feddmmr.stages import build_model
+from feddmmr.model import group_of
+from feddmmr.stages import STAGE_SPECS, STAGES, _memory, build_model, load_stage_features
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", default="pretrain_sasrec", choices=STAGES)
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--skip-sequential", action="store_true")
@@ -42,7 +47,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     meta = prepare(params.prepare, tmp / "prepared")
     data = load_prepared(tmp / "prepared")
-    tp = params.pretrain_sasrec
+    tp = getattr(params, args.stage)
 
     print(f"machine: {platform.machine()} {platform.processor() or ''} cores={os.cpu_count()} "
           f"torch={torch.__version__} threads={torch.get_num_threads()} python={platform.python_version()}")
@@ -52,24 +57,48 @@ def main() -> None:
     print(f"train: batch_size={tp.batch_size} local_epochs={tp.local_epochs} negatives={tp.num_negatives} loss={tp.loss}")
 
     torch.manual_seed(0)
-    model = build_model(params, data)
     pool = ClientPool(data)
+    spec = STAGE_SPECS[args.stage]
+    memory: MemoryBank | None = None
+    if spec.multimodal:
+        from feddmmr.features import extract_text, extract_visual
+        t0 = time.perf_counter()
+        extract_text(params.prepare, params.features_text, tmp / "prepared", tmp / "features" / "text", progress=False)
+        extract_visual(params.features_visual, tmp / "prepared", tmp / "features" / "visual", progress=False)
+        feats = load_stage_features(tmp / "features", data)
+        print(f"features: text {feats['text']['coverage']:.1%}, visual {feats['visual']['coverage']:.1%} "
+              f"({time.perf_counter() - t0:.1f} s)")
+        model = build_model(params, data, True, feats["text"]["dim"], feats["visual"]["dim"])
+        model.set_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
+                           feats["text"]["mask"])
+        memory = _memory(params, data, feats)
+        t0 = time.perf_counter()
+        writes = warm_memories(model, pool, memory, tp)
+        print(f"memory warm-up of {data.num_users} clients: {time.perf_counter() - t0:.2f} s, {writes} long-term writes")
+    else:
+        model = build_model(params, data)
+    trainable = {k for k, _ in model.named_parameters() if group_of(k) in spec.trains}
+    print(f"stage {args.stage}: {sum(p.numel() for k, p in model.named_parameters() if k in trainable):,} "
+          f"trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
     clients = select_clients(data.num_users, min(1.0, args.clients / data.num_users), 1, tp.seed)  # as in a round
     n_targets = int(pool.num_targets[clients].sum())
     evaluator = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size)
 
     results = {}
     runs = [("vectorized", train_round_vectorized)] + ([] if args.skip_sequential else [("sequential", train_round_sequential)])
-    train_round_vectorized(model, clients[:4], pool, 0, tp)  # warm-up (first-call dispatch costs)
+    saved = memory.state_dict() if memory else None
+    train_round_vectorized(model, clients[:4], pool, 0, tp, trainable, memory)  # warm-up (first-call dispatch costs)
     for name, fn in runs:
+        if memory:
+            memory.load_state_dict(saved)  # both executors start from the same memories
         t0 = time.perf_counter()
-        r = fn(model, clients, pool, 1, tp)
+        r = fn(model, clients, pool, 1, tp, trainable, memory)
         dt = time.perf_counter() - t0
         results[name] = dt
         print(f"round ({name}): {len(clients)} clients, {r.steps} local steps, {n_targets} training targets: "
               f"{dt:.2f} s ({n_targets / dt:,.0f} targets/s)")
     t0 = time.perf_counter()
-    evaluator.evaluate(model, "val")
+    evaluator.evaluate(model, "val", memory)
     print(f"evaluation of all {data.num_users} users (full ranking + sampled): {time.perf_counter() - t0:.2f} s")
     if "sequential" in results:
         print(f"speed-up vectorized vs sequential: {results['sequential'] / results['vectorized']:.1f}x")
