@@ -114,3 +114,38 @@ def test_stage_diff_reports_config_changes_and_frozen_modules(tiny_prepared, tmp
     assert diff["modules"]["sasrec.item_emb"]["changed"] is False and diff["modules"]["sasrec.item_emb"]["l2_delta"] == 0.0
     assert diff["modules"]["sasrec.blocks.0.attn"]["changed"] is True and diff["modules"]["sasrec.blocks.0.attn"]["l2_delta"] > 0
     assert "sasrec.item_emb" in format_diff(diff)
+
+
+def test_later_stages_log_load_report_param_diff_and_router_curves(tiny_prepared, tmp_path, monkeypatch):
+    import json
+
+    from conftest import tiny_stage_params, write_tiny_features
+    from feddmmr.data import load_prepared
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    feats = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared).num_items)
+    params = tiny_stage_params(rounds=2, keep="last")  # checkpoints hold trained weights, not round 0
+    for stage in ("pretrain_sasrec", "align_projectors", "finetune_moe"):
+        train_stage(stage, params, tiny_prepared, tmp_path / "ck" / stage, tmp_path / f"{stage}.json",
+                    progress=False, features_dir=feats)
+    client, parents, children = _runs(uri)
+    assert len(parents) == 1 and len(children) == 3                 # one pipeline run, a child per stage
+    run = {r.data.tags["feddmmr.stage"]: r for r in children}
+    align = run["align_projectors"]
+    artifacts = {a.path for a in client.list_artifacts(align.info.run_id)}
+    assert {"param_diff.json", "param_diff.txt", "load_report.json"} <= artifacts
+    diff = json.loads(open(client.download_artifacts(align.info.run_id, "param_diff.json", str(tmp_path))).read())
+    assert diff["modules"]["sasrec.item_emb"]["changed"] is False and diff["modules"]["sasrec.item_emb"]["l2_delta"] == 0
+    assert all(not m["changed"] for m in diff["modules"].values())  # stage 2 leaves every stage-1 tensor untouched
+    assert any(k.startswith("text_proj") for k in diff["added"])
+    assert "sasrec.item_emb" in align.data.tags["unchanged_modules"]
+    final = json.loads(open(client.download_artifacts(run["finetune_moe"].info.run_id, "param_diff.json",
+                                                      str(tmp_path / "f"))).read())
+    assert final["modules"]["sasrec.item_emb"]["changed"] is False
+    assert final["modules"]["text_proj"]["changed"] is True and final["modules"]["router.mlp"]["changed"] is True
+    gates = client.get_metric_history(run["finetune_moe"].info.run_id, "gating_weight")
+    assert sorted(m.step for m in gates) == [0, 1, 2]
+    assert client.get_metric_history(run["finetune_moe"].info.run_id, "router.w_vis")
+    table = compare()
+    assert all(s in table for s in ("pretrain_sasrec", "align_projectors", "finetune_moe"))
