@@ -158,8 +158,13 @@ class RoundResult:
 
 def _average(acc: dict[str, torch.Tensor], total_w: float, global_params: dict[str, torch.Tensor],
              names: list[str]) -> dict[str, torch.Tensor]:
-    """FedAvg result: weighted mean of trainable tensors; frozen tensors returned bit-identical."""
-    return {k: acc[k] / total_w if k in names else v.clone() for k, v in global_params.items()}
+    """FedAvg result: global + weighted mean of the clients' updates (``acc`` sums w_i * (p_i - global)).
+
+    Averaging updates rather than weights keeps an untouched tensor exactly equal to the global one
+    (a weighted mean of equal weights is off by rounding, which a server Adam would turn into a full
+    step); frozen tensors are returned bit-identical.
+    """
+    return {k: v + acc[k] / total_w if k in names else v.clone() for k, v in global_params.items()}
 
 
 def _split_params(model: nn.Module, trainable: set[str] | None):
@@ -222,7 +227,7 @@ def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPoo
             steps += 1
         w = float(pool.num_targets[u])
         for k in names:
-            acc[k].add_(local[k].detach(), alpha=w)
+            acc[k].add_(local[k].detach() - global_params[k], alpha=w)
         total_w += w
         loss_sum += w * float(np.mean(losses))
     writes, s_sum, n = obs.flush(memory)
@@ -277,7 +282,7 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
             steps += a
         w = pool.num_targets[torch.tensor(chunk)].to(device=device, dtype=torch.float32)
         for k in names:
-            acc[k].add_(torch.tensordot(w, P[k], dims=1))
+            acc[k].add_(torch.tensordot(w, P[k] - global_params[k], dims=1))
         total_w += float(w.sum())
         loss_sum += float((w * loss_tot / n_steps.to(device)).sum())
     writes, s_sum, n = obs.flush(memory)

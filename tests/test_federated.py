@@ -135,3 +135,28 @@ def test_multimodal_executors_agree_on_weights_and_memories(setup, trainable_gro
             assert moved == (k in trainable), k
     a, b = mems[0].state_dict(), mems[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainable_tensor_without_gradient_stays_bit_identical_through_fedadam(setup, tmp_path):
+    """No posters: the visual parameters train but get no gradient; FedAvg + FedAdam must not move them."""
+    from conftest import tiny_stage_params, write_tiny_features
+    from feddmmr.federated import ServerOptimizer
+    from feddmmr.stages import _memory, load_stage_features
+    data, pool = setup
+    params = tiny_stage_params()
+    feats = load_stage_features(write_tiny_features(tmp_path, data.num_items, visual=False), data)
+    torch.manual_seed(0)
+    model = build_model(params, data, True, 24, 16)
+    model.set_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
+                       feats["text"]["mask"])
+    memory = _memory(params, data, feats)
+    server = ServerOptimizer("adam", 0.01, 0.9)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for rnd in (1, 2):
+        result = train_round_vectorized(model, select_clients(data.num_users, 0.5, rnd, 0), pool, rnd,
+                                        params.finetune_moe, None, memory)
+        model.load_state_dict(server.step({k: v.detach() for k, v in model.state_dict().items()}, result.state))
+    after = dict(model.named_parameters())
+    for k in ("visual_proj.weight", "visual_proj.bias", "visual_expert.value.weight"):
+        assert torch.equal(after[k], before[k]), k
+    assert not torch.equal(after["text_proj.weight"], before["text_proj.weight"])
