@@ -221,6 +221,8 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
     _check_train_params(tp, stage, params.evaluation.ks)
     data = load_prepared(data_dir)
     feats = load_stage_features(features_dir, data) if spec.multimodal else None
+    if not spec.init_from and init_dir is not None:
+        raise FeddmmrError(f"{stage} trains from scratch and loads no checkpoint; drop --init {init_dir}")
     if spec.init_from:
         init_dir = Path(init_dir) if init_dir is not None else Path(out_dir).parent / tp.init_from
         if not (init_dir / "model.safetensors").is_file():

@@ -136,6 +136,9 @@ def test_loading_fails_loudly_on_partial_or_mismatched_checkpoints(chain, tiny_p
         run(bad)
     with pytest.raises(FeddmmrError, match="holds no model.safetensors.*train pretrain_sasrec first"):
         run(tmp_path / "nowhere")
+    with pytest.raises(FeddmmrError, match="pretrain_sasrec trains from scratch"):
+        train_stage("pretrain_sasrec", p, tiny_prepared, tmp_path / "out", tmp_path / "m.json", progress=False,
+                    init_dir=root / "ck" / "align_projectors")
     assert not (tmp_path / "out").exists()
 
 
