@@ -46,9 +46,13 @@ class MemoryBank:
         return self.S + self.R
 
     # ------------------------------------------------------------------ update
+    def _utility(self, freq: np.ndarray, age: np.ndarray) -> np.ndarray:
+        return np.log1p(freq) + np.exp2(-age.astype(np.float64) / self.half_life)
+
     def utility(self, u: int | np.ndarray) -> np.ndarray:
-        age = (self.clock[u][..., None] - self.lt_time[u]).astype(np.float64)
-        return np.where(self.lt_ids[u] > 0, np.log1p(self.lt_freq[u]) + np.exp2(-age / self.half_life), -np.inf)
+        """Utility of client(s) u's LT slots now; -inf for empty slots."""
+        age = self.clock[u][..., None] - self.lt_time[u]
+        return np.where(self.lt_ids[u] > 0, self._utility(self.lt_freq[u], age), -np.inf)
 
     def observe(self, u: int, items: np.ndarray, pos: np.ndarray, surprise: np.ndarray) -> int:
         """Replay client u's items (any order; sorted by ``pos``) with their surprise. Returns LT writes."""
@@ -79,7 +83,7 @@ class MemoryBank:
             if empty:
                 j = empty.pop()
             else:                                         # evict the lowest-utility slot
-                j = int(np.argmin(np.log1p(freq) + np.exp2((tim - now) / self.half_life)))
+                j = int(np.argmin(self._utility(freq, now - tim)))
                 del slot_of[int(ids[j])]
             ids[j], lpos[j], freq[j], tim[j] = item, pos[k], 1, now
             slot_of[item] = j

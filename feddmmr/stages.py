@@ -314,8 +314,11 @@ def _train(stage: str, spec: StageSpec, params: Params, tp: TrainParams, data: P
     history = {"round": [0], "train_loss": [None], "val": [val0], "clients": [0], "seconds": [0.0],
                "router": [gate0], "memory_writes": [0], "mean_surprise": [None]}
     best_score, best_round, improved_round = pick(val0, tp.selection_metric), 0, 0
-    snapshot = lambda: ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},  # noqa: E731
-                        memory.state_dict() if memory else None)
+
+    def snapshot():
+        return ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                memory.state_dict() if memory else None)
+
     best_state, best_memory = snapshot()
     with logging_redirect_tqdm():
         bar = tqdm(range(1, tp.rounds + 1), desc=stage, unit="round", disable=not progress, dynamic_ncols=True)
