@@ -128,7 +128,7 @@ def load_groups(model: FedDMMR, source_dir: str | Path, data: Prepared, feature_
     mismatched = sorted(k for k in state if k in expected and state[k].shape != expected[k].shape)
     absent = sorted(REQUIRED_FROM_SOURCE - source_groups)
     report = {"source": str(source_dir), "source_stage": config.get("stage"),
-              "loaded": {}, "initialized": sorted({group_of(k) for k in expected} - source_groups),
+              "lineage": list(config.get("lineage", [])) + [config.get("stage")], "loaded": {}, "initialized": sorted({group_of(k) for k in expected} - source_groups),
               "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
     if missing or unexpected or mismatched or absent:
         raise FeddmmrError(
@@ -270,9 +270,8 @@ def _train(stage: str, spec: StageSpec, params: Params, tp: TrainParams, data: P
     report, memory, lineage, groups = None, None, [], {}
     if init_dir is not None:
         report = load_groups(model, init_dir, data, feature_sha)
-        src = read_json(Path(init_dir) / "config.json", "checkpoint config")
-        lineage = list(src.get("lineage", [])) + [src["stage"]]
-        groups = {g: dict(report["groups"].get(g) or {"initialized_in": src["stage"], "trained_in": [src["stage"]]})
+        lineage, source = report["lineage"], report["source_stage"]
+        groups = {g: dict(report["groups"].get(g) or {"initialized_in": source, "trained_in": [source]})
                   for g in report["loaded"]}
         log.info("%s: loaded %s from %s; initialised %s", stage,
                  ", ".join(f"{g} ({n} tensors)" for g, n in report["loaded"].items()), init_dir,

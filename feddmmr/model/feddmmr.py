@@ -168,6 +168,6 @@ class FedDMMR(nn.Module):
             return base + self.gating_weight * aux, {"router": w[..., 0, :]}
         E_c = F.normalize(F.embedding(cands, self.sasrec.item_emb.weight), dim=-1)            # [b, L, C, d]
         pos = cands[..., 0]                                                                   # [b, L]
-        align = [(E_c @ F.normalize(self.project(m, pos), dim=-1).unsqueeze(-1)).squeeze(-1)
-                 if m == "sem" or self.has_visual else torch.zeros_like(base) for m in ("vis", "sem")]  # 2 x [b, L, C]
-        return base + self.gating_weight * aux, {"router": w[..., 0, :], "align": torch.stack(align, -1)}
+        cosines = [(E_c @ F.normalize(self.project(m, pos), dim=-1).unsqueeze(-1)).squeeze(-1)
+                   if m == "sem" or self.has_visual else torch.zeros_like(base) for m in ("vis", "sem")]  # 2 x [b, L, C]
+        return base + self.gating_weight * aux, {"router": w[..., 0, :], "align": torch.stack(cosines, -1)}
