@@ -6,6 +6,7 @@ overridden from the command line with ``-S section.key=value`` (the same syntax 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,6 +160,11 @@ def resolve_device(name: str, section: str) -> torch.device:
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string; people write floats that way
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -185,6 +191,51 @@ def _update_section(obj: Any, section: str, values: dict[str, Any]) -> None:
         if key not in valid:
             raise FeddmmrError(f"params: unknown key {section}.{key}; valid keys: {', '.join(sorted(valid))}")
         setattr(obj, key, _coerce(section, key, value, getattr(obj, key)))
+
+
+# Allowed ranges, by key (any section that has it) or by section.key. Every float must also be finite.
+_POSITIVE, _NON_NEGATIVE, _AT_LEAST_1 = ("> 0", lambda v: v > 0), (">= 0", lambda v: v >= 0), (">= 1", lambda v: v >= 1)
+_UNIT_OPEN_TOP, _UNIT_CLOSED = ("in [0, 1)", lambda v: 0 <= v < 1), ("in [0, 1]", lambda v: 0 <= v <= 1)
+RANGES: dict[str, tuple[str, Any]] = {
+    "lr": _POSITIVE, "server_lr": _POSITIVE, "weight_decay": _NON_NEGATIVE, "server_momentum": _UNIT_OPEN_TOP,
+    "client_fraction": ("in (0, 1]", lambda v: 0 < v <= 1), "dropout": _UNIT_OPEN_TOP,
+    "contrastive_weight": _NON_NEGATIVE, "contrastive_temperature": _POSITIVE, "surprise_alpha": _NON_NEGATIVE,
+    "load_balance_weight": _NON_NEGATIVE, "surprise_threshold": _UNIT_CLOSED,
+    "merge_threshold": ("in [-1, 1]", lambda v: -1 <= v <= 1), "half_life": _POSITIVE,
+    "rounds": _AT_LEAST_1, "local_epochs": _AT_LEAST_1, "num_negatives": _AT_LEAST_1, "patience": _AT_LEAST_1,
+    "clients_per_chunk": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "hidden": _AT_LEAST_1, "blocks": _AT_LEAST_1,
+    "heads": _AT_LEAST_1, "ffn_hidden": _AT_LEAST_1, "router_hidden": _AT_LEAST_1, "st_capacity": _AT_LEAST_1,
+    "lt_capacity": _AT_LEAST_1, "retrieve_lt": _AT_LEAST_1, "dim": _AT_LEAST_1,
+    "prepare.top_k_users": (">= 0 (0 = all users)", lambda v: v >= 0),
+    "prepare.min_user_interactions": (">= 3 (leave-one-out needs train, validation and test items)", lambda v: v >= 3),
+    "prepare.max_seq_len": (">= 2", lambda v: v >= 2),
+    "prepare.eval_negatives": (">= 0 (negatives of the sampled protocol; 0 turns that protocol off)",
+                               lambda v: v >= 0),
+}
+
+
+def _bad(section: str, key: str, rule: str, value: Any) -> FeddmmrError:
+    return FeddmmrError(f"params: {section}.{key} must be {rule}, got {value!r}; fix it in params.yaml or the -S override")
+
+
+def validate(params: Params) -> None:
+    """Range-check every parameter (one line naming the key and the allowed range)."""
+    for section in fields(params):
+        obj = getattr(params, section.name)
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise _bad(section.name, f.name, "a finite number", value)
+            rule = RANGES.get(f"{section.name}.{f.name}") or RANGES.get(f.name)
+            if rule is not None and not rule[1](value):
+                raise _bad(section.name, f.name, rule[0], value)
+    m, mem, ks = params.model, params.memory, params.evaluation.ks
+    if m.hidden % m.heads:
+        raise _bad("model", "hidden", f"a multiple of model.heads ({m.heads})", m.hidden)
+    if mem.retrieve_lt > mem.lt_capacity:
+        raise _bad("memory", "retrieve_lt", f"<= memory.lt_capacity ({mem.lt_capacity})", mem.retrieve_lt)
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise _bad("evaluation", "ks", "a non-empty list of integers >= 1", ks)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
@@ -214,4 +265,5 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         if section not in sections:
             raise FeddmmrError(f"override {item!r}: unknown section {section!r}; valid: {', '.join(sorted(sections))}")
         _update_section(getattr(params, section), section, {key: yaml.safe_load(raw_value)})
+    validate(params)
     return params

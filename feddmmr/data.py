@@ -185,6 +185,9 @@ def build_sequences(frame: pd.DataFrame, top_k_users: int, min_user_interactions
     keep = counts >= min_user_interactions
     uniq, first_idx, counts = uniq[keep], first_idx[keep], counts[keep]
     order = np.lexsort((first_idx, -counts))  # count desc, then first appearance
+    if top_k_users > len(uniq):
+        raise FeddmmrError(f"prepare.top_k_users is {top_k_users}, but the data has only {len(uniq)} users with >= "
+                           f"{min_user_interactions} interactions; lower prepare.top_k_users (0 keeps all users)")
     if top_k_users > 0:
         order = order[:top_k_users]
     kept_users = uniq[order]
