@@ -294,4 +294,8 @@ def load_features(feature_dir: str | Path, num_items: int, expected_dim: int | N
                            f"{num_items}; {fix}")
     if expected_dim is not None and feats.shape[1] != expected_dim:
         raise FeddmmrError(f"{feature_dir / 'features.safetensors'} is {feats.shape[1]}-d, expected {expected_dim}; {fix}")
+    bad = (~torch.isfinite(feats).all(1)).nonzero().flatten() if feats.is_floating_point() else torch.zeros(0)
+    if len(bad):
+        raise FeddmmrError(f"{feature_dir / 'features.safetensors'} has {len(bad)} rows with NaN/inf values (item "
+                           f"indices {bad[:5].tolist()}); {fix}")
     return feats, mask.bool()

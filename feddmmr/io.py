@@ -1,16 +1,23 @@
-"""Atomic file writes, hashing and safe checkpoint I/O.
+"""Atomic file writes, one-writer locks, hashing and safe checkpoint I/O.
 
 Every artefact is first written next to its destination and then moved into place with
 ``os.replace``, so an interrupted run never leaves a half-written file or directory behind.
+An output being written is held by an exclusive lock (``.<name>.lock`` beside it): a second
+process that wants to write it refuses at once, naming the holder. The lock is a ``flock``, so
+the kernel releases it when its process dies, however it dies.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,20 +50,40 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush the files of ``folder`` and the folder itself to disk (survives a power loss)."""
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory; it replaces ``dest`` as a whole only on success."""
+def atomic_dir(dest: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory; it replaces ``dest`` as a whole only on success.
+
+    ``durable``: fsync the files before the swap and the parent after it.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        if durable:
+            _fsync_tree(tmp)
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
         os.replace(tmp, dest)
+        if durable:
+            _fsync_tree(dest.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -79,8 +106,17 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise FeddmmrError(f"{path} is not valid JSON ({exc}); re-create it by re-running the step that writes it") from None
 
 
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save tensors with safetensors (no pickle), atomically."""
+    """Save tensors with safetensors (no pickle), atomically; a non-finite tensor is never written."""
+    bad = nonfinite(tensors)
+    if bad:
+        raise FeddmmrError(f"refusing to write {path}: {len(bad)} tensors hold NaN/inf values ({', '.join(bad[:3])}); "
+                           f"the run diverged")
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
@@ -102,3 +138,31 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the one-writer lock of ``path`` for the block; refuse at once if another process holds it."""
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise FeddmmrError(f"{path} is being written by {holder}; wait for it to finish, stop it, or write "
+                           f"somewhere else (--out / --metrics)") from None
+    try:
+        os.ftruncate(fd, 0)
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                      f"({command})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock; the (empty-of-meaning) file stays, removing it would race

@@ -4,6 +4,9 @@
            (the known history is excluded; ties count against the target);
 - sampled: the target is ranked against the fixed 100 negatives drawn once at prepare time from
            items the user never interacted with (parity with the original FedDMMR numbers).
+
+A non-finite score (NaN, +-inf) ranks as the worst possible: a NaN target is last, never first. The
+number of non-finite scores is reported (``nonfinite_scores``) so that training can stop on it.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ class Evaluator:
         was_training = model.training
         model.eval()
         full, sampled = [], []
+        self.nonfinite = 0
         for lo in range(0, len(x), self.batch_size):
             hi = min(lo + self.batch_size, len(x))
             h = model.encode(x[lo:hi].to(device))[:, -1]                # [b, d] most recent position
@@ -54,24 +58,32 @@ class Evaluator:
                 ids = (memory.retrieve(range(lo, hi))[0] if memory is not None
                        else torch.zeros(hi - lo, 1, dtype=torch.long)).to(device)
                 mem = {"mem_ids": ids, "visible": ids > 0}
-            scores = model.score_all(h, **mem)                          # [b, I], column j = item j+1
+            scores = self._worst_if_nonfinite(model.score_all(h, **mem))  # [b, I], column j = item j+1
             pos = scores.gather(1, (target[lo:hi].to(device) - 1).unsqueeze(1))  # [b, 1]
             sel = (h_rows >= lo) & (h_rows < hi)
             scores[(h_rows[sel] - lo).to(device), (h_cols[sel] - 1).to(device)] = float("-inf")  # history never competes
             full.append((scores >= pos).sum(1).cpu())                   # target counts itself: rank >= 1
             if self.negatives.shape[1]:
-                neg = model.score(h, self.negatives[lo:hi].to(device), **mem)  # [b, N]
+                neg = self._worst_if_nonfinite(model.score(h, self.negatives[lo:hi].to(device), **mem))  # [b, N]
                 sampled.append((1 + (neg >= pos).sum(1)).cpu())
         model.train(was_training)
         full_r = torch.cat(full)
         sampled_r = torch.cat(sampled) if sampled else torch.zeros(0)
         return full_r, sampled_r
 
-    def evaluate(self, model: torch.nn.Module, split: str, memory=None) -> dict[str, dict[str, float]]:
+    def _worst_if_nonfinite(self, scores: torch.Tensor) -> torch.Tensor:
+        finite = torch.isfinite(scores)
+        self.nonfinite += int((~finite).sum())
+        return torch.where(finite, scores, float("-inf"))  # -inf ties every other -inf: counted against
+
+    def evaluate(self, model: torch.nn.Module, split: str, memory=None) -> dict:
+        """{full: metrics, sampled: metrics}, plus ``nonfinite_scores`` when the model produced any."""
         full, sampled = self.ranks(model, split, memory)
-        out = {"full": rank_metrics(full, self.ks)}
+        out: dict = {"full": rank_metrics(full, self.ks)}
         if len(sampled):
             out["sampled"] = rank_metrics(sampled, self.ks)
+        if self.nonfinite:
+            out["nonfinite_scores"] = self.nonfinite
         return out
 
 
