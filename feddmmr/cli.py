@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from .errors import FeddmmrError
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 of clients trains per round, FedAvg (+ server optimizer) aggregates. Validation each round, early
 stopping, best checkpoint kept; test metrics of the best round go to --metrics.
 
+Every round is saved beside the output (.<out>.resume/): a stage that was killed, or whose MLflow
+server went away, resumes from its last completed round when the same command runs again. A
+non-finite loss, weight or score stops the stage (exit 3); the checkpoint then holds the best finite
+round, marked diverged. A second training into an output in use refuses at once.
+
+Exit status: 0 done; 2 bad input or parameters; 3 training diverged; 4 trained and written, but
+MLflow did not record everything (run the command again once it answers); 130 interrupted.
+
 Stages (each reads its own params.yaml section):
   pretrain_sasrec   SASRec over item ids; everything trains.
   align_projectors  loads item embeddings + backbone from pretrain_sasrec; only the text/visual
@@ -78,6 +87,9 @@ Stages 2-3 need the feature files (`feddmmr features text|visual`) and keep a me
     p.add_argument("--init", help="checkpoint to start from (default: checkpoints/<init_from> beside --out)")
     p.add_argument("--out", help="checkpoint directory (default: checkpoints/<stage>)")
     p.add_argument("--metrics", help="metrics JSON file (default: metrics/<stage>.json)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the saved state of an interrupted run of this stage and start from round 0 "
+                        "(by default a killed stage resumes from its last completed round)")
 
     p = sub.add_parser("evaluate", help="evaluate a stage checkpoint",
                        description="Load a checkpoint directory (model.safetensors + config.json, and for "
@@ -139,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or f"checkpoints/{args.stage}"
         metrics_path = args.metrics or f"metrics/{args.stage}.json"
         metrics = train_stage(args.stage, params, args.data, out, metrics_path, progress=not args.quiet,
-                              features_dir=args.features, init_dir=args.init)
+                              features_dir=args.features, init_dir=args.init, restart=args.restart)
         print(json.dumps({k: metrics[k] for k in ("stage", "best_round", "seconds_per_round", "test")}, indent=2))
         return 0
     if args.command == "evaluate":
@@ -154,16 +166,23 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (docker stop, a Prefect cancellation) ends the run like Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(args)
     except FeddmmrError as exc:
         print(f"feddmmr: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("feddmmr: interrupted; nothing partial was written", file=sys.stderr)
+        resumable = " (a training stage resumes from its last completed round when run again)" \
+            if args.command == "train" else ""
+        print(f"feddmmr: interrupted; nothing partial was written{resumable}", file=sys.stderr)
         return 130
 
 

@@ -345,6 +345,16 @@ class ServerOptimizer:
         self.v: dict[str, torch.Tensor] = {}
         self.t = 0
 
+    def state_dict(self) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Step count and moments (first, second), for resuming."""
+        return self.t, {k: v.detach().cpu().clone() for k, v in self.m.items()}, \
+            {k: v.detach().cpu().clone() for k, v in self.v.items()}
+
+    def load_state_dict(self, t: int, m: dict[str, torch.Tensor], v: dict[str, torch.Tensor], device) -> None:
+        self.t = t
+        self.m = {k: x.to(device) for k, x in m.items()}
+        self.v = {k: x.to(device) for k, x in v.items()}
+
     def step(self, current: dict[str, torch.Tensor], averaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.kind == "sgd" and self.lr == 1.0 and self.momentum == 0.0:
             return averaged

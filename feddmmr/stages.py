@@ -23,6 +23,7 @@ and a DVC metrics file with the best round's validation and test metrics.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,15 +32,16 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .config import MultimodalTrainParams, Params, TrainParams, resolve_device
+from .config import MultimodalTrainParams, Params, TrainParams, resolve_device, validate
 from .data import Prepared, load_prepared
-from .errors import FeddmmrError
+from .errors import DivergedError, FeddmmrError, TrackingIncomplete
 from .federated import EXECUTORS, ClientPool, ServerOptimizer, select_clients, warm_memories
-from .io import atomic_dir, file_sha256, load_tensors, read_json, save_tensors, write_json
+from .io import atomic_dir, exclusive, file_sha256, load_tensors, nonfinite, read_json, save_tensors, write_json
 from .memory import MemoryBank, combined_features
 from .metrics import Evaluator, pick
 from .model import GROUPS, FedDMMR, group_of
-from .tracking import StageRun, flatten
+from .resume import Progress, ResumeState, code_sha256, rng_state, set_rng_state
+from .tracking import StageRun, flatten, stage_diff
 
 log = logging.getLogger("feddmmr")
 
@@ -119,6 +121,9 @@ def load_groups(model: FedDMMR, source_dir: str | Path, data: Prepared, feature_
     """
     source_dir = Path(source_dir)
     config = read_json(source_dir / "config.json", "checkpoint config of the previous stage")
+    if config.get("diverged"):
+        raise FeddmmrError(f"{source_dir} holds the best finite round of a diverged run ({config['diverged'][:120]}"
+                           f"...); train {config.get('stage')} again with a lower learning rate first")
     _check_same_data(source_dir, config, data)
     state = load_tensors(source_dir / "model.safetensors", "checkpoint weights of the previous stage", FIX)
     expected = model.state_dict()
@@ -175,13 +180,9 @@ def _check_same_data(ckpt_dir: Path, config: dict, data: Prepared) -> None:
 # ---------------------------------------------------------------------------------------------- checks
 
 def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
+    """Choices of a training section (ranges are checked with every parameter by ``config.validate``)."""
     if tp.executor not in EXECUTORS:
         raise FeddmmrError(f"{stage}.executor must be one of {', '.join(EXECUTORS)}, got {tp.executor!r}")
-    if not 0 < tp.client_fraction <= 1:
-        raise FeddmmrError(f"{stage}.client_fraction must be in (0, 1], got {tp.client_fraction}")
-    for key in ("rounds", "local_epochs", "batch_size", "num_negatives", "clients_per_chunk"):
-        if getattr(tp, key) < 1:
-            raise FeddmmrError(f"{stage}.{key} must be >= 1, got {getattr(tp, key)}")
     if tp.optimizer not in ("adam", "sgd"):
         raise FeddmmrError(f"{stage}.optimizer must be adam or sgd, got {tp.optimizer!r}")
     if tp.server_optimizer not in ("adam", "sgd"):
@@ -199,50 +200,119 @@ def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
         allowed = STAGE_SPECS[stage].init_from
         if tp.init_from not in allowed:
             raise FeddmmrError(f"{stage}.init_from must be one of {', '.join(allowed)}, got {tp.init_from!r}")
-        for key in ("contrastive_weight", "surprise_alpha", "load_balance_weight"):
-            if getattr(tp, key) < 0:
-                raise FeddmmrError(f"{stage}.{key} must be >= 0, got {getattr(tp, key)}")
-        if tp.contrastive_temperature <= 0:
-            raise FeddmmrError(f"{stage}.contrastive_temperature must be > 0, got {tp.contrastive_temperature}")
+
+
+def _check_finite(stage: str, rnd: int, tp: TrainParams, loss: float | None = None,
+                  state: dict[str, torch.Tensor] | None = None, val: dict | None = None) -> None:
+    """A non-finite loss, global weight or validation score stops the stage: it is never a result."""
+    what = None
+    if loss is not None and not math.isfinite(loss):
+        what = f"the training loss is {loss}"
+    elif state is not None and (bad := nonfinite(state)):
+        what = f"the aggregated update left {len(bad)} tensors non-finite ({', '.join(bad[:3])})"
+    elif val is not None and val.get("nonfinite_scores"):
+        what = f"validation produced {val['nonfinite_scores']} non-finite scores"
+    if what is not None:
+        raise DivergedError(f"{stage} round {rnd}: {what}; training diverged: lower {stage}.lr (now {tp.lr:g}) or "
+                            f"{stage}.server_lr (now {tp.server_lr:g}), or check the feature files for NaN rows")
 
 
 # ---------------------------------------------------------------------------------------------- training
 
+@dataclass
+class Setup:
+    """Everything the round loop works on, built the same way on a fresh start and on resume."""
+    stage: str
+    spec: StageSpec
+    tp: TrainParams
+    data: Prepared
+    model: FedDMMR
+    memory: MemoryBank | None
+    pool: ClientPool
+    evaluator: Evaluator
+    server: ServerOptimizer
+    trainable: set[str]
+    report: dict | None        # load report (stages 2-3)
+    config: dict               # written as config.json
+    device: torch.device
+
+
 def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
-                progress: bool = True, features_dir: str | Path = "features", init_dir: str | Path | None = None) -> dict:
+                progress: bool = True, features_dir: str | Path = "features", init_dir: str | Path | None = None,
+                restart: bool = False) -> dict:
     """Train ``stage`` federatedly, keep the best validation round, write checkpoint and metrics.
 
     ``init_dir``: the checkpoint to start from (default: the ``<init_from>`` directory beside ``out_dir``).
+    Every round is saved for resume (``feddmmr.resume``); a killed stage continues from its last completed
+    round when run again with the same inputs, unless ``restart``.
     """
     if stage not in STAGE_SPECS:
         raise FeddmmrError(f"unknown stage {stage!r}; available: {', '.join(STAGES)}")
-    spec = STAGE_SPECS[stage]
-    tp: TrainParams = getattr(params, stage)
+    spec, tp = STAGE_SPECS[stage], getattr(params, stage)
+    validate(params)
     _check_train_params(tp, stage, params.evaluation.ks)
     data = load_prepared(data_dir)
     feats = load_stage_features(features_dir, data) if spec.multimodal else None
-    if not spec.init_from and init_dir is not None:
-        raise FeddmmrError(f"{stage} trains from scratch and loads no checkpoint; drop --init {init_dir}")
-    if spec.init_from:
-        init_dir = Path(init_dir) if init_dir is not None else Path(out_dir).parent / tp.init_from
-        if not (init_dir / "model.safetensors").is_file():
-            raise FeddmmrError(f"{stage} starts from {init_dir}, which holds no model.safetensors; train "
-                               f"{tp.init_from} first (`dvc repro {tp.init_from}`) or pass --init")
+    init_dir = _start_checkpoint(stage, spec, tp, out_dir, init_dir)
     sections = {"model": asdict(params.model), stage: asdict(tp), "evaluation": asdict(params.evaluation),
                 "data": {"dir": str(data_dir)}}
     if spec.multimodal:
         sections.update(multimodal=asdict(params.multimodal), memory=asdict(params.memory),
                         features={m: {"sha256": f["sha256"], "coverage": f["coverage"]} for m, f in feats.items()})
-    tracker = StageRun(stage, flatten(sections), data.meta, enabled=params.tracking.enabled)
-    try:
-        return _train(stage, spec, params, tp, data, data_dir, out_dir, metrics_path, progress, tracker, feats, init_dir)
-    except BaseException:
-        tracker.fail()
-        raise
+    with exclusive(out_dir), exclusive(metrics_path):
+        resume = ResumeState(out_dir, _resume_inputs(stage, sections, data_dir, init_dir))
+        if restart:
+            resume.clear()
+        saved = resume.load()
+        state = saved[0] if saved else Progress()
+        tracker = StageRun(stage, flatten(sections), data.meta, params.tracking.enabled, out_dir,
+                           state.tracking_run, state.tracked_round)
+        state.tracking_run, state.tracked_round = tracker.run_id, tracker.tracked_round
+        try:
+            setup = _initialise(stage, spec, params, tp, data, data_dir, feats, init_dir, saved)
+            state = _fit(setup, state, saved[1] if saved else None, resume, tracker, progress)
+            return _write(setup, state, resume, tracker, out_dir, metrics_path, init_dir)
+        except KeyboardInterrupt:
+            tracker.fail("KILLED")
+            raise
+        except TrackingIncomplete:
+            raise
+        except BaseException:
+            tracker.fail("FAILED")
+            raise
+
+
+def _start_checkpoint(stage: str, spec: StageSpec, tp: TrainParams, out_dir, init_dir) -> Path | None:
+    if not spec.init_from and init_dir is not None:
+        raise FeddmmrError(f"{stage} trains from scratch and loads no checkpoint; drop --init {init_dir}")
+    if not spec.init_from:
+        return None
+    init_dir = Path(init_dir) if init_dir is not None else Path(out_dir).parent / tp.init_from
+    if not (init_dir / "model.safetensors").is_file():
+        raise FeddmmrError(f"{stage} starts from {init_dir}, which holds no model.safetensors; train "
+                           f"{tp.init_from} first (`dvc repro {tp.init_from}`) or pass --init")
+    return init_dir
+
+
+def _resume_inputs(stage: str, sections: dict, data_dir, init_dir: Path | None) -> dict:
+    """Everything a saved round depends on: a state is resumed only when all of it is unchanged."""
+    start = {f.name: file_sha256(f) for f in sorted(Path(init_dir).glob("*.safetensors"))} if init_dir else {}
+    return {"stage": stage, "sections": sections, "data": file_sha256(Path(data_dir) / "sequences.npz"),
+            "start": start, "code": code_sha256(), "torch": torch.__version__}
 
 
 def _round_metrics(val: dict, prefix: str = "val") -> dict[str, float]:
     return {f"{prefix}.{k}": v for k, v in flatten(val).items()}
+
+
+def _round_record(history: dict, i: int, with_memory: bool) -> dict[str, float]:
+    """What MLflow records for round ``i`` (round 0: the starting model's validation)."""
+    record = {**_round_metrics(history["val"][i]), **history["router"][i]}
+    if i:
+        record.update(train_loss=history["train_loss"][i], round_seconds=history["seconds"][i])
+        if with_memory:
+            record.update(memory_writes=history["memory_writes"][i], mean_surprise=history["mean_surprise"][i])
+    return record
 
 
 @torch.no_grad()
@@ -260,150 +330,222 @@ def router_stats(model: FedDMMR) -> dict[str, float]:
     return out
 
 
-def _train(stage: str, spec: StageSpec, params: Params, tp: TrainParams, data: Prepared, data_dir, out_dir,
-           metrics_path, progress: bool, tracker: StageRun, feats: dict | None, init_dir: Path | None) -> dict:
+def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, data: Prepared, data_dir,
+                feats: dict | None, init_dir: Path | None, saved) -> Setup:
+    """Build the model, load the previous stage, set up the client memories; on resume, restore the saved round."""
     torch.manual_seed(tp.seed)
     device = resolve_device(tp.device, stage)
     dims = {m: f["dim"] for m, f in feats.items()} if feats else {}
     model = build_model(params, data, spec.multimodal, dims.get("text", 0), dims.get("visual", 0))
     feature_sha = {m: f["sha256"] for m, f in feats.items()} if feats else None
-    report, memory, lineage, groups = None, None, [], {}
-    if init_dir is not None:
-        report = load_groups(model, init_dir, data, feature_sha)
-        lineage, source = report["lineage"], report["source_stage"]
-        groups = {g: dict(report["groups"].get(g) or {"initialized_in": source, "trained_in": [source]})
-                  for g in report["loaded"]}
-        log.info("%s: loaded %s from %s; initialised %s", stage,
-                 ", ".join(f"{g} ({n} tensors)" for g, n in report["loaded"].items()), init_dir,
-                 ", ".join(report["initialized"]) or "nothing")
-    for g in sorted({group_of(k) for k, _ in model.named_parameters()}):
-        groups.setdefault(g, {"initialized_in": stage, "trained_in": []})
-        if g in spec.trains:
-            groups[g] = {**groups[g], "trained_in": groups[g]["trained_in"] + [stage]}
+    report = load_groups(model, init_dir, data, feature_sha) if init_dir is not None else None
+    memory = None
     if spec.multimodal:
         model.set_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
                            feats["text"]["mask"])
         memory = _memory(params, data, feats)
-        mem_file = Path(init_dir) / "memory.safetensors" if init_dir is not None else None
-        if mem_file is not None and mem_file.is_file():
-            try:
-                memory.load_state_dict(load_tensors(mem_file, "client memory of the previous stage", FIX))
-            except ValueError as exc:
-                raise FeddmmrError(f"{mem_file}: {exc}; keep the memory params of the previous stage or "
-                                   f"re-run it (`dvc repro`)") from None
-            log.info("%s: continuing the client memories of %s (%d clients)", stage, init_dir,
-                     int((memory.participations > 0).sum()))
+        _continue_memories(stage, memory, init_dir)
+    server = ServerOptimizer(tp.server_optimizer, tp.server_lr, tp.server_momentum)
+    if saved is not None:
+        _restore(model, memory, server, *saved, device)
     model = model.to(device)
-    trainable = {k for k, _ in model.named_parameters() if group_of(k) in spec.trains}
     pool = ClientPool(data)
     if memory is not None and params.memory.warmup and not memory.participations.any():
         t0 = time.perf_counter()
         writes = warm_memories(model, pool, memory, tp)
         log.info("%s: filled %d client memories in %.1fs (%d long-term writes)", stage, data.num_users,
                  time.perf_counter() - t0, writes)
-    evaluator = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size)
-    executor = EXECUTORS[tp.executor]
-    server = ServerOptimizer(tp.server_optimizer, tp.server_lr, tp.server_momentum)
+    config = _checkpoint_config(stage, spec, params, tp, data, data_dir, model, report, dims, feature_sha)
+    trainable = {k for k, _ in model.named_parameters() if group_of(k) in spec.trains}
+    return Setup(stage, spec, tp, data, model, memory, pool, Evaluator(data, params.evaluation.ks,
+                 params.evaluation.batch_size), server, trainable, report, config, device)
+
+
+def _continue_memories(stage: str, memory: MemoryBank, init_dir: Path | None) -> None:
+    mem_file = Path(init_dir) / "memory.safetensors" if init_dir is not None else None
+    if mem_file is None or not mem_file.is_file():
+        return
+    try:
+        memory.load_state_dict(load_tensors(mem_file, "client memory of the previous stage", FIX))
+    except ValueError as exc:
+        raise FeddmmrError(f"{mem_file}: {exc}; keep the memory params of the previous stage or "
+                           f"re-run it (`dvc repro`)") from None
+    log.info("%s: continuing the client memories of %s (%d clients)", stage, init_dir,
+             int((memory.participations > 0).sum()))
+
+
+def _restore(model: FedDMMR, memory: MemoryBank | None, server: ServerOptimizer, state: Progress, parts: dict,
+             device) -> None:
+    """Put the model, memories, server optimizer and RNG back as they were after the saved round."""
+    model.load_state_dict(parts["model"])
+    if memory is not None:
+        memory.load_state_dict(parts["memory"])
+    server.load_state_dict(state.server_t, parts.get("server_m", {}), parts.get("server_v", {}), device)
+    set_rng_state(parts["rng"])
+
+
+def _checkpoint_config(stage: str, spec: StageSpec, params: Params, tp: TrainParams, data: Prepared, data_dir,
+                       model: FedDMMR, report: dict | None, dims: dict, feature_sha: dict | None) -> dict:
+    """config.json of the checkpoint: shape, data, parameters, lineage and each group's provenance."""
+    lineage, groups = [], {}
     if report is not None:
-        tracker.log_dict(report, "load_report.json")
-
-    val0 = evaluator.evaluate(model, "val", memory)
-    gate0 = router_stats(model)
-    tracker.log_metrics({**_round_metrics(val0), **gate0}, step=0)
-    history = {"round": [0], "train_loss": [None], "val": [val0], "clients": [0], "seconds": [0.0],
-               "router": [gate0], "memory_writes": [0], "mean_surprise": [None]}
-    best_score, best_round, improved_round = pick(val0, tp.selection_metric), 0, 0
-
-    def snapshot():
-        return ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                memory.state_dict() if memory else None)
-
-    best_state, best_memory = snapshot()
-    with logging_redirect_tqdm():
-        bar = tqdm(range(1, tp.rounds + 1), desc=stage, unit="round", disable=not progress, dynamic_ncols=True)
-        for rnd in bar:
-            t0 = time.perf_counter()
-            clients = select_clients(data.num_users, tp.client_fraction, rnd, tp.seed)
-            model.train()
-            result = executor(model, clients, pool, rnd, tp, trainable, memory)
-            model.load_state_dict(server.step({k: v.detach() for k, v in model.state_dict().items()}, result.state))
-            val = evaluator.evaluate(model, "val", memory)
-            seconds = time.perf_counter() - t0
-            score = pick(val, tp.selection_metric)
-            gates = router_stats(model)
-            for key, value in (("round", rnd), ("train_loss", result.train_loss), ("val", val),
-                               ("clients", result.clients), ("seconds", seconds), ("router", gates),
-                               ("memory_writes", result.memory_writes), ("mean_surprise", result.mean_surprise)):
-                history[key].append(value)
-            if score > best_score:
-                best_score, improved_round = score, rnd
-            if improved_round == rnd or tp.keep == "last":
-                best_round = rnd
-                best_state, best_memory = snapshot()
-            extra = {"memory_writes": result.memory_writes, "mean_surprise": result.mean_surprise} if memory else {}
-            tracker.log_metrics({"train_loss": result.train_loss, "round_seconds": seconds, **_round_metrics(val),
-                                 **gates, **extra}, rnd)
-            bar.set_postfix(loss=f"{result.train_loss:.3f}", **{tp.selection_metric: f"{score:.4f}"}, best=best_round)
-            log.info("%s round %d: loss %.4f val %s %.4f (%.1fs, %d clients)%s", stage, rnd, result.train_loss,
-                     tp.selection_metric, score, seconds, result.clients,
-                     "".join(f" {k} {v:.3f}" for k, v in gates.items()))
-            if rnd - improved_round >= tp.patience:
-                log.info("%s: early stop at round %d (best round %d)", stage, rnd, improved_round)
-                break
-        bar.close()
-
-    model.load_state_dict(best_state)
-    if memory is not None:
-        memory.load_state_dict(best_memory)   # the memories as they were at the best round
-    test = evaluator.evaluate(model, "test", memory)
-    history["best_round"] = best_round
-    history["test"] = test
-    if memory is not None:
-        history["memory"] = memory.summary()
-    train_seconds = history["seconds"][1:]
-    metrics = {
-        "stage": stage,
-        "best_round": best_round,
-        "rounds_run": len(train_seconds),
-        "seconds_per_round": sum(train_seconds) / max(1, len(train_seconds)),
-        "val": history["val"][best_round],
-        "test": test,
-    }
-    if spec.multimodal:
-        metrics["gating_weight"] = history["router"][best_round]["gating_weight"]
-    config = {
-        "stage": stage,
-        "lineage": lineage,
-        "model": asdict(params.model),
-        "num_items": data.num_items,
-        "max_seq_len": data.max_seq_len,
-        "num_users": data.num_users,
-        "train": asdict(tp),
-        "data": {"dir": str(data_dir), "source_sha256": data.meta["source_sha256"],
-                 "num_interactions": data.meta["num_interactions"]},
-        "groups": groups,
-        "best_round": best_round,
-        "torch": torch.__version__,
-    }
+        lineage, source = report["lineage"], report["source_stage"]
+        groups = {g: dict(report["groups"].get(g) or {"initialized_in": source, "trained_in": [source]})
+                  for g in report["loaded"]}
+        log.info("%s: loaded %s from %s; initialised %s", stage,
+                 ", ".join(f"{g} ({n} tensors)" for g, n in report["loaded"].items()), report["source"],
+                 ", ".join(report["initialized"]) or "nothing")
+    for g in sorted({group_of(k) for k, _ in model.named_parameters()}):
+        groups.setdefault(g, {"initialized_in": stage, "trained_in": []})
+        if g in spec.trains:
+            groups[g] = {**groups[g], "trained_in": groups[g]["trained_in"] + [stage]}
+    config = {"stage": stage, "lineage": lineage, "model": asdict(params.model), "num_items": data.num_items,
+              "max_seq_len": data.max_seq_len, "num_users": data.num_users, "train": asdict(tp),
+              "data": {"dir": str(data_dir), "source_sha256": data.meta["source_sha256"],
+                       "num_interactions": data.meta["num_interactions"]},
+              "groups": groups, "best_round": None, "torch": torch.__version__}
     if spec.multimodal:
         config.update(multimodal=asdict(params.multimodal), memory=asdict(params.memory), feature_dims=dims,
                       features=feature_sha)
-    artifacts = ["config.json", "train_history.json"] + (["load_report.json"] if report else [])
+    return config
+
+
+def _snapshot(setup: Setup) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    return ({k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()},
+            setup.memory.state_dict() if setup.memory else None)
+
+
+def _save_round(setup: Setup, state: Progress, best: tuple, resume: ResumeState) -> None:
+    t, m, v = setup.server.state_dict()
+    state.server_t = t
+    model, memory = _snapshot(setup)
+    resume.save(state, {"model": model, "memory": memory, "best": best[0], "best_memory": best[1],
+                        "server_m": m, "server_v": v, "rng": rng_state()})
+
+
+def _fit(setup: Setup, state: Progress, parts: dict | None, resume: ResumeState, tracker: StageRun,
+         progress: bool) -> Progress:
+    """The round loop: train, aggregate, validate, keep the best round; every round saved for resume."""
+    stage, tp, model, memory = setup.stage, setup.tp, setup.model, setup.memory
+    record = lambda i: _round_record(state.history, i, memory is not None)  # noqa: E731
+    if parts is None:                                                       # fresh start: round 0
+        val0 = setup.evaluator.evaluate(model, "val", memory)
+        _check_finite(stage, 0, tp, val=val0)
+        state.history = {"round": [0], "train_loss": [None], "val": [val0], "clients": [0], "seconds": [0.0],
+                         "router": [router_stats(model)], "memory_writes": [0], "mean_surprise": [None]}
+        state.best_score = pick(val0, tp.selection_metric)
+        best = _snapshot(setup)
+        tracker.sync(record, 0)
+        state.tracked_round = tracker.tracked_round
+        _save_round(setup, state, best, resume)
+    else:
+        best = (parts["best"], parts.get("best_memory"))
+        log.info("%s: resuming after round %d (best round so far %d) from %s", stage, state.round,
+                 state.best_round, resume.dir)
+        tracker.sync(record, state.round)
+    if setup.report is not None:
+        tracker.log_dict(setup.report, "load_report.json")
+    executor = EXECUTORS[tp.executor]
+    with logging_redirect_tqdm():
+        bar = tqdm(range(state.round + 1, tp.rounds + 1), desc=stage, unit="round", disable=not progress,
+                   dynamic_ncols=True, initial=state.round, total=tp.rounds)
+        for rnd in ([] if state.stopped else bar):
+            try:
+                best = _round(setup, state, rnd, executor, best)
+            except DivergedError as exc:   # the round is dropped; the best finite round is kept
+                state.diverged = str(exc)
+                break
+            state.round = rnd
+            tracker.sync(record, rnd)
+            state.tracked_round = tracker.tracked_round
+            state.stopped = rnd - state.improved_round >= tp.patience or rnd == tp.rounds
+            _save_round(setup, state, best, resume)
+            bar.set_postfix(loss=f"{state.history['train_loss'][-1]:.3f}", best=state.best_round,
+                            **{tp.selection_metric: f"{pick(state.history['val'][-1], tp.selection_metric):.4f}"})
+            if state.stopped and rnd < tp.rounds:
+                log.info("%s: early stop at round %d (best round %d)", stage, rnd, state.improved_round)
+                break
+        bar.close()
+    state.stopped = True
+    model.load_state_dict(best[0])
+    if memory is not None:
+        memory.load_state_dict(best[1])   # the memories as they were at the best round
+    return state
+
+
+def _round(setup: Setup, state: Progress, rnd: int, executor, best: tuple) -> tuple:
+    """One federated round: selected clients train locally, the server aggregates, all users validate."""
+    stage, tp, model, memory = setup.stage, setup.tp, setup.model, setup.memory
+    t0 = time.perf_counter()
+    clients = select_clients(setup.data.num_users, tp.client_fraction, rnd, tp.seed)
+    model.train()
+    result = executor(model, clients, setup.pool, rnd, tp, setup.trainable, memory)
+    new_state = setup.server.step({k: v.detach() for k, v in model.state_dict().items()}, result.state)
+    _check_finite(stage, rnd, tp, loss=result.train_loss, state=new_state)
+    model.load_state_dict(new_state)
+    val = setup.evaluator.evaluate(model, "val", memory)
+    _check_finite(stage, rnd, tp, val=val)
+    seconds = time.perf_counter() - t0
+    score = pick(val, tp.selection_metric)
+    gates = router_stats(model)
+    for key, value in (("round", rnd), ("train_loss", result.train_loss), ("val", val), ("clients", result.clients),
+                       ("seconds", seconds), ("router", gates), ("memory_writes", result.memory_writes),
+                       ("mean_surprise", result.mean_surprise)):
+        state.history[key].append(value)
+    if score > state.best_score:
+        state.best_score, state.improved_round = score, rnd
+    if state.improved_round == rnd or tp.keep == "last":
+        state.best_round = rnd
+        best = _snapshot(setup)
+    log.info("%s round %d: loss %.4f val %s %.4f (%.1fs, %d clients)%s", stage, rnd, result.train_loss,
+             tp.selection_metric, score, seconds, result.clients, "".join(f" {k} {v:.3f}" for k, v in gates.items()))
+    return best
+
+
+def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun, out_dir, metrics_path,
+           init_dir: Path | None) -> dict:
+    """Test the best round; write checkpoint, metrics and the MLflow records; then drop the resume state."""
+    stage, model, memory, history = setup.stage, setup.model, setup.memory, state.history
+    test = setup.evaluator.evaluate(model, "test", memory)
+    _check_finite(stage, state.best_round, setup.tp, val=test)
+    history["best_round"], history["test"] = state.best_round, test
+    if memory is not None:
+        history["memory"] = memory.summary()
+    train_seconds = history["seconds"][1:]
+    metrics = {"stage": stage, "best_round": state.best_round, "rounds_run": len(train_seconds),
+               "seconds_per_round": sum(train_seconds) / max(1, len(train_seconds)),
+               "val": history["val"][state.best_round], "test": test}
+    if setup.spec.multimodal:
+        metrics["gating_weight"] = history["router"][state.best_round]["gating_weight"]
+    if state.diverged:
+        metrics["diverged"] = history["diverged"] = state.diverged
+    artifacts = ["config.json", "train_history.json"] + (["load_report.json"] if setup.report else [])
     with atomic_dir(out_dir) as tmp:
         save_tensors(tmp / "model.safetensors", model.state_dict(), metadata={"stage": stage})
         if memory is not None:
             save_tensors(tmp / "memory.safetensors", memory.state_dict(), metadata={"stage": stage})
-        write_json(tmp / "config.json", config)
+        write_json(tmp / "config.json", {**setup.config, "best_round": state.best_round,
+                                         **({"diverged": state.diverged} if state.diverged else {})})
         write_json(tmp / "train_history.json", history)
-        if report:
-            write_json(tmp / "load_report.json", report)
+        if setup.report:
+            write_json(tmp / "load_report.json", setup.report)
     write_json(metrics_path, metrics)
-    diff = None
-    if init_dir is not None:
-        from .tracking import stage_diff
-        diff = stage_diff(init_dir, out_dir)
-    tracker.finish({"best_round": best_round, **_round_metrics(test, "test"), **_round_metrics(metrics["val"], "best_val")},
-                   [Path(out_dir) / a for a in artifacts] + [Path(metrics_path)], Path(out_dir), param_diff=diff)
+    diff = stage_diff(init_dir, out_dir) if init_dir is not None else None
+    final = {"best_round": state.best_round, **_round_metrics(test, "test"), **_round_metrics(metrics["val"], "best_val")}
+    record = lambda i: _round_record(history, i, memory is not None)  # noqa: E731
+    if state.diverged:
+        tracker.sync(record, state.round)
+        tracker.fail("FAILED")
+        raise DivergedError(f"{state.diverged}. The best finite round ({state.best_round}) is written to {out_dir} "
+                            f"and {metrics_path}, marked diverged")
+    try:
+        tracker.finish(record, state.round, final, [Path(out_dir) / a for a in artifacts] + [Path(metrics_path)],
+                       Path(out_dir), param_diff=diff)
+    except TrackingIncomplete:
+        state.tracked_round = tracker.tracked_round
+        resume.save_progress(state)   # re-running records the rest without training again
+        raise
+    resume.clear()
     return metrics
 
 

@@ -7,10 +7,13 @@ before training starts, so an unreachable server fails in seconds, not after an 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 import urllib.error
@@ -18,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .errors import FeddmmrError
+from .errors import FeddmmrError, TrackingIncomplete
 
 log = logging.getLogger("feddmmr")
 DEFAULT_URI = "sqlite:///mlruns.db"
@@ -45,6 +48,30 @@ def check_store(uri: str) -> None:
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise FeddmmrError(f"MLflow store {uri}: folder {parent} is missing or not writable; "
                                f"create it or set MLFLOW_TRACKING_URI")
+        if db.exists() and not (db.is_file() and os.access(db, os.R_OK | os.W_OK)):
+            raise FeddmmrError(f"MLflow store {uri}: {db} is not a readable and writable file; fix its permissions "
+                               f"or set MLFLOW_TRACKING_URI to another store")
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of an exception, for one-line messages."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Serialise store initialisation: two processes creating the same sqlite store race in its migrations."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -71,22 +98,44 @@ def git_commit() -> str:
 
 
 class StageRun:
-    """The MLflow child run of one stage; a no-op when tracking is disabled."""
+    """The MLflow child run of one stage; a no-op when tracking is disabled.
 
-    def __init__(self, stage: str, params_flat: dict[str, Any], data_meta: dict, enabled: bool = True):
-        self.enabled = enabled
-        self.run_id = None
+    An unusable store fails before training, in one line. Once the run has started, a tracking fault
+    never stops training: the first failed call is reported in one warning, and each later round
+    re-sends every round record the store is missing (records come from the training history, so
+    nothing is buffered twice). ``finish`` raises ``TrackingIncomplete``, naming what was not recorded,
+    when the store is still gone at the end; the caller keeps its resume state so that re-running the
+    same command records the rest without training again. A run left RUNNING by a killed process
+    that wrote the same output on this host is marked KILLED when the output is next trained.
+    """
+
+    def __init__(self, stage: str, params_flat: dict[str, Any], data_meta: dict, enabled: bool = True,
+                 output: str | Path | None = None, resume_run: str | None = None, tracked_round: int = -1):
+        self.enabled, self.stage, self.run_id = enabled, stage, None
+        self.tracked_round = tracked_round     # the last round whose record the store holds
+        self.down: str | None = None           # what failed first while the store is not answering
         if not enabled:
             return
-        import mlflow
-        from mlflow.entities import Param
-
         self.uri = tracking_uri()
         check_store(self.uri)
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
+                           ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
+            os.environ.setdefault(key, value)
+        try:
+            with _store_lock(self.uri):
+                self._start(stage, params_flat, data_meta, output, resume_run)
+        except FeddmmrError:
+            raise
+        except Exception as exc:  # any unusable store: one line before training starts
+            raise FeddmmrError(f"MLflow store {self.uri} cannot be used ({_short(exc)}); fix it, point "
+                               f"MLFLOW_TRACKING_URI at a working store, or set tracking.enabled: false") from None
+
+    # ------------------------------------------------------------------ start
+    def _start(self, stage: str, params_flat: dict[str, Any], data_meta: dict, output, resume_run) -> None:
+        import mlflow
+
         self.client = mlflow.MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        self.exp_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT)
+        self.exp_id = self._experiment()
         commit = git_commit()
         data_sha = hashlib.sha256(json.dumps(data_meta["source_sha256"], sort_keys=True).encode()).hexdigest()
         key = os.environ.get("FEDDMMR_PIPELINE_RUN") or hashlib.sha256(f"{commit}:{data_sha}".encode()).hexdigest()[:16]
@@ -95,59 +144,164 @@ class StageRun:
         flow_run = os.environ.get("PREFECT__FLOW_RUN_ID")
         if flow_run:
             tags["prefect_flow_run_id"] = flow_run
-        found = self.client.search_runs([self.exp_id], filter_string=f"tags.`feddmmr.pipeline_key` = '{key}'"
-                                        " and tags.`feddmmr.kind` = 'pipeline'", max_results=1)
-        if found:
-            self.parent_id = found[0].info.run_id
-        else:
-            self.parent_id = self.client.create_run(self.exp_id, run_name=f"pipeline-{key[:8]}",
-                                                    tags={**tags, "feddmmr.kind": "pipeline"}).info.run_id
+        output = str(Path(output).resolve()) if output is not None else ""
+        self._end_stale_runs(output, keep=resume_run)
+        if resume_run and self._reopen(resume_run):
+            return
+        self.tracked_round = -1
+        self.parent_id = self._parent(key, tags)
         run = self.client.create_run(self.exp_id, run_name=stage, tags={
             **tags, "mlflow.parentRunId": self.parent_id, "feddmmr.kind": "stage", "feddmmr.stage": stage,
-            "dvc_stage": stage})
+            "dvc_stage": stage, "feddmmr.output": output, "feddmmr.host": socket.gethostname()})
         self.run_id = run.info.run_id
+        from mlflow.entities import Param
         items = [Param(k, str(v)[:6000]) for k, v in params_flat.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
         log.info("MLflow: %s run %s (parent %s) in %s", stage, self.run_id, self.parent_id, self.uri)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
+    def _experiment(self) -> str:
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(EXPERIMENT)
+        except Exception:  # created meanwhile by another process
+            exp = self.client.get_experiment_by_name(EXPERIMENT)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _parent(self, key: str, tags: dict[str, str]) -> str:
+        found = self.client.search_runs([self.exp_id], filter_string=f"tags.`feddmmr.pipeline_key` = '{key}'"
+                                        " and tags.`feddmmr.kind` = 'pipeline'", max_results=1)
+        if found:
+            return found[0].info.run_id
+        return self.client.create_run(self.exp_id, run_name=f"pipeline-{key[:8]}",
+                                      tags={**tags, "feddmmr.kind": "pipeline"}).info.run_id
+
+    def _end_stale_runs(self, output: str, keep: str | None) -> None:
+        """Runs still RUNNING for this output on this host belong to dead processes (the caller holds the
+        output's lock): mark them KILLED."""
+        if not output or "'" in output:
             return
+        stale = self.client.search_runs([self.exp_id], filter_string=f"tags.`feddmmr.output` = '{output}' and "
+                                        "attributes.status = 'RUNNING'")
+        for run in stale:
+            if run.info.run_id != keep and run.data.tags.get("feddmmr.host") == socket.gethostname():
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                log.info("MLflow: run %s of a killed %s marked KILLED", run.info.run_id, self.stage)
+
+    def _reopen(self, run_id: str) -> bool:
+        """Continue the run of an interrupted attempt (resume), if the store still has it."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:
+            return False
+        if run.info.experiment_id != self.exp_id:
+            return False
+        self.run_id, self.parent_id = run_id, run.data.tags.get("mlflow.parentRunId", "")
+        self.client.update_run(run_id, status="RUNNING")
+        log.info("MLflow: continuing %s run %s from round %d", self.stage, run_id, self.tracked_round + 1)
+        return True
+
+    # ------------------------------------------------------------------ sending, fault-tolerant
+    def _send(self, what: str, fn, *args) -> bool:
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:
+            if self.down is None:
+                log.warning("MLflow %s did not record %s (%s); training goes on, and the missing records are sent "
+                            "when it answers again", self.uri, what, _short(exc))
+                self.down = f"{what}: {_short(exc)}"
+            return False
+
+    def _answers(self) -> bool:
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        try:
+            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
         ts = int(time.time() * 1000)
         batch = [Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items() if v is not None]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def sync(self, record, upto: int) -> None:
+        """Send the round records ``tracked_round + 1 .. upto``; ``record(step)`` gives one round's metrics."""
+        if not self.enabled or (self.down is not None and not self._answers()):
+            return
+        while self.tracked_round < upto:
+            step = self.tracked_round + 1
+            if not self._send(f"round {step}", self._log_metrics, record(step), step):
+                return
+            self.tracked_round = step
+        if self.down is not None:
+            log.warning("MLflow %s answers again; the missing rounds are recorded", self.uri)
+            self.down = None
+
     def log_dict(self, obj: dict, name: str) -> None:
         if self.enabled:
-            self.client.log_dict(self.run_id, obj, name)
+            self._send(name, self.client.log_dict, self.run_id, obj, name)
 
-    def finish(self, final_metrics: dict[str, float], artifacts: list[Path], checkpoint: Path, status: str = "FINISHED",
+    # ------------------------------------------------------------------ end
+    def finish(self, record, upto: int, final_metrics: dict[str, float], artifacts: list[Path], checkpoint: Path,
                param_diff: dict | None = None) -> None:
-        """Final metrics, artifacts, checkpoint reference and, for a later stage, the diff to the previous stage."""
+        """Every missing round, the final metrics, artifacts, checkpoint reference and (for a later stage) the
+        diff to the previous stage; then the run is FINISHED. Raises TrackingIncomplete naming what is missing."""
         if not self.enabled:
             return
-        self.log_metrics(final_metrics, step=0)
-        if param_diff is not None:
-            self.client.log_dict(self.run_id, param_diff, "param_diff.json")
-            self.client.log_text(self.run_id, format_diff(param_diff), "param_diff.txt")
-            frozen = sorted(m for m, v in param_diff["modules"].items() if not v["changed"])
-            self.client.set_tag(self.run_id, "previous_stage_checkpoint", param_diff["previous"])
-            self.client.set_tag(self.run_id, "unchanged_modules", ", ".join(frozen)[:5000] or "none")
+        self.sync(record, upto)
+        steps = [("final metrics", self._log_metrics, final_metrics, upto + 1),
+                 ("parameter diff", self._log_diff, param_diff),
+                 ("artifacts", self._log_artifacts, artifacts),
+                 ("checkpoint reference", self._tag_checkpoint, checkpoint),
+                 ("FINISHED status", self._terminate, "FINISHED")]
+        missing = [f"rounds {self.tracked_round + 1}-{upto}"] if self.tracked_round < upto else []
+        for i, (what, fn, *args) in enumerate(steps):
+            if missing or not self._send(what, fn, *args):
+                missing += [w for w, *_ in steps[i:] if w not in missing]
+                break
+        if missing:
+            raise TrackingIncomplete(
+                f"{self.stage}: checkpoint and metrics are written, but MLflow {self.uri} did not record "
+                f"{', '.join(missing)} ({self.down}); re-run the same command (or `dvc repro`) when the store "
+                f"answers: it records them without training again")
+
+    def _log_diff(self, param_diff: dict | None) -> None:
+        if param_diff is None:
+            return
+        self.client.log_dict(self.run_id, param_diff, "param_diff.json")
+        self.client.log_text(self.run_id, format_diff(param_diff), "param_diff.txt")
+        frozen = sorted(m for m, v in param_diff["modules"].items() if not v["changed"])
+        self.client.set_tag(self.run_id, "previous_stage_checkpoint", param_diff["previous"])
+        self.client.set_tag(self.run_id, "unchanged_modules", ", ".join(frozen)[:5000] or "none")
+
+    def _log_artifacts(self, artifacts: list[Path]) -> None:
         for path in artifacts:
             self.client.log_artifact(self.run_id, str(path))
+
+    def _tag_checkpoint(self, checkpoint: Path) -> None:
         weights = checkpoint / "model.safetensors"
         if weights.is_file():
             from .io import file_sha256
             self.client.set_tag(self.run_id, "checkpoint", str(checkpoint.resolve()))
             self.client.set_tag(self.run_id, "checkpoint_sha256", file_sha256(weights))
-        self.client.set_terminated(self.run_id, status)
-        self.client.set_terminated(self.parent_id, status)
 
-    def fail(self) -> None:
+    def _terminate(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+        if self.parent_id:
+            self.client.set_terminated(self.parent_id, status)
+
+    def fail(self, status: str = "FAILED") -> None:
+        """Mark the run FAILED (or KILLED) when the store answers; never raises."""
         if self.enabled and self.run_id:
-            self.client.set_terminated(self.run_id, "FAILED")
+            self._send(f"{status} status", self.client.set_terminated, self.run_id, status)
 
 
 def compare(pipeline: str | None = None, protocol: str = "full") -> str:
