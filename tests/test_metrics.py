@@ -52,3 +52,26 @@ def test_constant_model_ties_count_against_target(tiny_prepared):
     hist_len = np.array([len(data.sequence(u)) - 2 for u in range(data.num_users)])
     assert full.tolist() == (data.num_items - hist_len).tolist()
     assert (sampled == data.eval_negatives.shape[1] + 1).all()
+
+
+def test_nonfinite_scores_rank_worst_never_first(tiny_prepared):
+    """A NaN target score used to rank 0 (HR 1.0, NDCG inf); it must rank last and be counted."""
+    data = load_prepared(tiny_prepared)
+
+    class NaNTarget(torch.nn.Module):
+        def encode(self, x):
+            return torch.zeros(len(x), x.shape[1], 4)
+
+        def score_all(self, h):
+            s = torch.arange(data.num_items, dtype=torch.float32).repeat(len(h), 1)
+            return s.masked_fill(torch.ones_like(s, dtype=torch.bool), float("nan"))
+
+        def score(self, h, items):
+            return torch.full(items.shape, float("nan"))
+
+    ev = Evaluator(data, [10])
+    full, sampled = ev.ranks(NaNTarget(), "val")
+    assert (full == data.num_items).all() and (sampled == data.eval_negatives.shape[1] + 1).all()
+    result = ev.evaluate(NaNTarget(), "val")
+    assert result["full"]["HR@10"] == 0 and result["full"]["NDCG@10"] == 0
+    assert result["nonfinite_scores"] == data.num_users * (data.num_items + data.eval_negatives.shape[1])

@@ -71,3 +71,55 @@ def test_two_stage_path_from_params(project):
     assert "align_projectors" not in r.stdout
     report = json.loads((project / "checkpoints" / "finetune_moe" / "load_report.json").read_text())
     assert report["source_stage"] == "pretrain_sasrec" and set(report["loaded"]) == {"item_embeddings", "backbone"}
+
+
+def _set_params(project, **stage_values):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for dotted, value in stage_values.items():
+        section, key = dotted.split("__")
+        params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_failed_rerun_is_restored_by_dvc_checkout(project):
+    """DVC deletes a stage's outputs before running it; after a failed rerun, one command brings back the last
+    successful checkpoint and its metrics (both are cached outputs)."""
+    before = {p: (project / p).read_bytes() for p in ("metrics/pretrain_sasrec.json",
+                                                       "checkpoints/pretrain_sasrec/model.safetensors")}
+    saved = (project / "params.yaml").read_text()
+    _set_params(project, pretrain_sasrec__lr=-1.0)
+    r = dvc("repro", "pretrain_sasrec", cwd=project)
+    assert r.returncode != 0 and "pretrain_sasrec.lr must be > 0" in r.stderr
+    r = dvc("checkout", "pretrain_sasrec", cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert {p: (project / p).read_bytes() for p in before} == before
+    (project / "params.yaml").write_text(saved)
+
+
+def test_stage_killed_under_dvc_repro_resumes_bit_identical(project, tmp_path):
+    import signal
+    import time
+    _set_params(project, pretrain_sasrec__rounds=12, pretrain_sasrec__patience=100)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "pretrain_sasrec"], cwd=project, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = ""
+    deadline = time.time() + 300
+    while "pretrain_sasrec round 4:" not in seen and time.time() < deadline and proc.poll() is None:
+        seen += proc.stdout.readline()
+    assert "pretrain_sasrec round 4:" in seen, seen
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (project / "checkpoints" / ".pretrain_sasrec.resume" / "state.json").is_file()
+    r = dvc("repro", "pretrain_sasrec", cwd=project)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming after round" in r.stdout + r.stderr
+    assert not (project / "checkpoints" / ".pretrain_sasrec.resume").exists()
+    ref = subprocess.run([str(BIN / "feddmmr"), "-q", "train", "--out", str(tmp_path / "ref"), "--metrics",
+                          str(tmp_path / "ref.json"), "-S", "tracking.enabled=false"], cwd=project, env=env,
+                         capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    ck = project / "checkpoints" / "pretrain_sasrec" / "model.safetensors"
+    assert ck.read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    assert json.loads((project / "metrics" / "pretrain_sasrec.json").read_text())["test"] == \
+        json.loads((tmp_path / "ref.json").read_text())["test"]
