@@ -257,8 +257,8 @@ class StageRun:
         if not self.enabled:
             return
         self.sync(record, upto)
-        steps = [("final metrics", self._log_metrics, final_metrics, upto + 1),
-                 ("parameter diff", self._log_diff, param_diff),
+        steps = [("final metrics", self._log_metrics, final_metrics, 0),
+                 *([("parameter diff", self._log_diff, param_diff)] if param_diff is not None else []),
                  ("artifacts", self._log_artifacts, artifacts),
                  ("checkpoint reference", self._tag_checkpoint, checkpoint),
                  ("FINISHED status", self._terminate, "FINISHED")]
@@ -273,9 +273,7 @@ class StageRun:
                 f"{', '.join(missing)} ({self.down}); re-run the same command (or `dvc repro`) when the store "
                 f"answers: it records them without training again")
 
-    def _log_diff(self, param_diff: dict | None) -> None:
-        if param_diff is None:
-            return
+    def _log_diff(self, param_diff: dict) -> None:
         self.client.log_dict(self.run_id, param_diff, "param_diff.json")
         self.client.log_text(self.run_id, format_diff(param_diff), "param_diff.txt")
         frozen = sorted(m for m, v in param_diff["modules"].items() if not v["changed"])
