@@ -12,6 +12,7 @@ import signal
 import sys
 
 from .errors import FeddmmrError
+from .modalities import NAMES
 
 DESCRIPTION = """FedDMMR: federated multimodal sequential recommendation, as a reproducible pipeline.
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "image model (features_visual section). Writes features.safetensors (rows indexed "
                                    "by prepared item id, row 0 padding, L2-normalised, masked zero rows for missing "
                                    "items) and report.json (coverage, model, dims, source hashes).")
-    p.add_argument("modality", choices=["text", "visual"], help="which feature to extract")
+    p.add_argument("modality", choices=NAMES, help="which feature to extract (its params: features_<modality>)")
     _add_params(p)
     p.add_argument("--data", default="data/prepared", help="prepared data directory (default: data/prepared)")
     p.add_argument("--out", help="output directory (default: features/<modality>)")
@@ -137,12 +138,9 @@ def run(args: argparse.Namespace) -> int:
               f"{meta['num_interactions']} interactions")
         return 0
     if args.command == "features":
-        from .features import extract_text, extract_visual
+        from .features import extract
         out = args.out or f"features/{args.modality}"
-        if args.modality == "text":
-            report = extract_text(params.prepare, params.features_text, args.data, out, progress=not args.quiet)
-        else:
-            report = extract_visual(params.features_visual, args.data, out, progress=not args.quiet)
+        report = extract(args.modality, params, args.data, out, progress=not args.quiet)
         print(f"wrote {out}: {report['covered']}/{report['items']} items ({report['coverage_pct']:.1f}%), "
               f"{report['dim']}-d, {report['seconds']:.1f}s")
         return 0

@@ -66,6 +66,7 @@ class TrainParams:
     device: str = "auto"             # auto (cuda when available) | cpu | cuda
     clients_per_chunk: int = 8       # clients trained together in one vectorized call (8 is fastest on a 2-core CPU)
     seed: int = 42
+    freeze: list[str] = field(default_factory=list)  # parameter groups that do not train in this stage
 
 
 @dataclass
@@ -76,15 +77,17 @@ class MultimodalTrainParams(TrainParams):
     contrastive_temperature: float = 0.1
     surprise_alpha: float = 1.0          # per-target weight 1 + alpha * surprise
     load_balance_weight: float = 0.0     # router load-balancing loss weight
+    gate_start: float | None = None      # start the residual gate at this value instead of the loaded one
 
 
 def _align_defaults() -> MultimodalTrainParams:
-    return MultimodalTrainParams(rounds=30, patience=10, init_from="pretrain_sasrec", contrastive_weight=0.5)
+    return MultimodalTrainParams(rounds=30, patience=10, init_from="pretrain_sasrec", contrastive_weight=0.5,
+                                 freeze=["item_embeddings", "backbone", "experts", "router"])
 
 
 def _finetune_defaults() -> MultimodalTrainParams:
     return MultimodalTrainParams(rounds=60, patience=20, init_from="align_projectors", contrastive_weight=0.1,
-                                 load_balance_weight=0.01, server_lr=0.003)
+                                 load_balance_weight=0.01, server_lr=0.003, freeze=["item_embeddings"])
 
 
 @dataclass
@@ -160,7 +163,7 @@ def resolve_device(name: str, section: str) -> torch.device:
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, float) and isinstance(value, str):
+    if (default is None or isinstance(default, float)) and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string; people write floats that way
             value = float(value)
         except ValueError:
@@ -206,6 +209,8 @@ RANGES: dict[str, tuple[str, Any]] = {
     "clients_per_chunk": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "hidden": _AT_LEAST_1, "blocks": _AT_LEAST_1,
     "heads": _AT_LEAST_1, "ffn_hidden": _AT_LEAST_1, "router_hidden": _AT_LEAST_1, "st_capacity": _AT_LEAST_1,
     "lt_capacity": _AT_LEAST_1, "retrieve_lt": _AT_LEAST_1, "dim": _AT_LEAST_1,
+    "gate_start": ("null or a number", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
+    "freeze": ("a list of parameter group names", lambda v: isinstance(v, list) and all(isinstance(g, str) for g in v)),
     "prepare.top_k_users": (">= 0 (0 = all users)", lambda v: v >= 0),
     "prepare.min_user_interactions": (">= 3 (leave-one-out needs train, validation and test items)", lambda v: v >= 3),
     "prepare.max_seq_len": (">= 2", lambda v: v >= 2),

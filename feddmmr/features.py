@@ -13,17 +13,18 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import PrepareParams, TextFeatureParams, VisualFeatureParams, resolve_device
-from .data import load_prepared, read_member
+from .config import Params, PrepareParams, TextFeatureParams, VisualFeatureParams, resolve_device
+from .data import Prepared, load_prepared, read_member
 from .errors import FeddmmrError
 from .io import atomic_dir, file_sha256, load_tensors, save_tensors, write_json
+from .modalities import NAMES
 
 log = logging.getLogger("feddmmr")
 BUNDLED_MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -299,3 +300,39 @@ def load_features(feature_dir: str | Path, num_items: int, expected_dim: int | N
         raise FeddmmrError(f"{feature_dir / 'features.safetensors'} has {len(bad)} rows with NaN/inf values (item "
                            f"indices {bad[:5].tolist()}); {fix}")
     return feats, mask.bool()
+
+
+@dataclass(frozen=True)
+class ModalityFeatures:
+    """One modality's feature table as the multimodal stages use it."""
+    table: torch.Tensor    # [I+1, D] rows by prepared item id, row 0 padding, zero where masked
+    mask: torch.Tensor     # [I+1] bool: the item has this modality
+    sha256: str            # of features.safetensors: checkpoints record which features they were trained on
+    dim: int
+    coverage: float        # share of real items that have it
+
+
+def load_modalities(features_dir: str | Path, data: Prepared) -> dict[str, ModalityFeatures]:
+    """Every modality's features (``features_dir/<name>/``), in ``feddmmr.modalities`` order."""
+    out = {}
+    for name in NAMES:
+        d = Path(features_dir) / name
+        table, mask = load_features(d, data.num_items)
+        out[name] = ModalityFeatures(table, mask, file_sha256(d / "features.safetensors"), int(table.shape[1]),
+                                     float(mask[1:].float().mean()))
+    if not any(f.mask[1:].any() for f in out.values()):
+        raise FeddmmrError(f"{features_dir}: no modality ({', '.join(NAMES)}) covers any item; a multimodal stage "
+                           f"needs at least one (check the features_* stages and re-run them)")
+    return out
+
+
+def extract(modality: str, params: Params, data_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
+    """Run the extractor of ``modality`` with its params section ``features_<modality>``."""
+    return EXTRACTORS[modality](params, data_dir, out_dir, progress)
+
+
+EXTRACTORS = {
+    "text": lambda params, data_dir, out, progress: extract_text(params.prepare, params.features_text, data_dir,
+                                                                 out, progress),
+    "visual": lambda params, data_dir, out, progress: extract_visual(params.features_visual, data_dir, out, progress),
+}

@@ -4,7 +4,7 @@ Each client keeps item ids only (features come from the shared feature tables):
 - short-term (ST): FIFO of the last ``st_capacity`` items the client observed;
 - long-term (LT): up to ``lt_capacity`` items whose surprise reached ``surprise_threshold``.
   An item already in LT is refreshed (frequency + 1, timestamp = now). A new item whose combined
-  feature (L2-normalised [visual ; text]) has cosine >= ``merge_threshold`` with an LT slot is merged
+  feature (the L2-normalised concatenation of its modality features) has cosine >= ``merge_threshold`` with an LT slot is merged
   into that slot (frequency + 1, timestamp = now) instead of taking a slot. When LT is full, the slot
   with the lowest utility ln(1 + freq) + 2^(-age / half_life) is evicted (age in observed items).
 
@@ -19,17 +19,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .config import MemoryParams
+
 STATE_KEYS = ("st_ids", "st_pos", "lt_ids", "lt_pos", "lt_freq", "lt_time", "clock", "participations")
 
 
 class MemoryBank:
-    def __init__(self, num_users: int, st_capacity: int = 10, lt_capacity: int = 50, retrieve_lt: int = 20,
-                 surprise_threshold: float = 0.5, merge_threshold: float = 0.95, half_life: float = 200.0,
-                 comb: torch.Tensor | None = None):
-        if min(st_capacity, lt_capacity, retrieve_lt) < 1 or retrieve_lt > lt_capacity:
-            raise ValueError("memory capacities must be >= 1 and retrieve_lt <= lt_capacity")
-        self.S, self.C, self.R = st_capacity, lt_capacity, retrieve_lt
-        self.threshold, self.merge_threshold, self.half_life = surprise_threshold, merge_threshold, half_life
+    def __init__(self, num_users: int, params: MemoryParams, comb: torch.Tensor | None = None):
+        """``params``: the ``memory`` params section; ``comb``: combined item features (``combined_features``)
+        for merging near-duplicates (None: no merging)."""
+        if params.retrieve_lt > params.lt_capacity:
+            raise ValueError("memory.retrieve_lt must be <= memory.lt_capacity")
+        self.S, self.C, self.R = params.st_capacity, params.lt_capacity, params.retrieve_lt
+        self.threshold, self.merge_threshold = params.surprise_threshold, params.merge_threshold
+        self.half_life = params.half_life
         self.comb = None if comb is None else comb.numpy().astype(np.float32)   # [I+1, D] unit rows or zeros
         self.has_comb = None if comb is None else self.comb.any(1)
         self.st_ids = np.zeros((num_users, self.S), dtype=np.int64)   # 0 = empty; oldest first
@@ -143,9 +146,8 @@ class MemoryBank:
                 "lt_mean_freq": float(self.lt_freq[filled].mean()) if filled.any() else 0.0}
 
 
-def combined_features(visual: torch.Tensor, visual_mask: torch.Tensor, text: torch.Tensor,
-                      text_mask: torch.Tensor) -> torch.Tensor:
-    """L2-normalised [visual ; text] per item (each part unit-norm when present), zero when neither exists."""
-    v = torch.nn.functional.normalize(visual, dim=-1) * visual_mask.unsqueeze(-1)
-    t = torch.nn.functional.normalize(text, dim=-1) * text_mask.unsqueeze(-1)
-    return torch.nn.functional.normalize(torch.cat([v, t], -1), dim=-1)
+def combined_features(features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """L2-normalised concatenation of every modality's (table, mask), each part unit-norm where the item has it,
+    zero for an item with no modality: [I+1, sum D_m]."""
+    parts = [torch.nn.functional.normalize(t, dim=-1) * m.unsqueeze(-1) for t, m in features.values()]
+    return torch.nn.functional.normalize(torch.cat(parts, -1), dim=-1)

@@ -13,7 +13,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import Prepared, eval_inputs
+from .data import Prepared, left_pad
+
+
+def eval_inputs(data: Prepared, split: str) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    """Inputs [U, L], targets [U] and each user's known history for ``split`` in {val, test}."""
+    if split not in ("val", "test"):
+        raise ValueError(split)
+    cut = 2 if split == "val" else 1
+    L = data.max_seq_len
+    seqs, targets, hist = np.zeros((data.num_users, L), dtype=np.int64), np.zeros(data.num_users, dtype=np.int64), []
+    for u in range(data.num_users):
+        s = data.sequence(u)
+        seqs[u] = left_pad(s[:-cut], L)
+        targets[u] = s[-cut]
+        hist.append(s[:-cut])
+    return torch.from_numpy(seqs), torch.from_numpy(targets), hist
 
 
 def rank_metrics(ranks: torch.Tensor, ks: list[int]) -> dict[str, float]:

@@ -6,6 +6,8 @@
     finetune_moe      loads every group from align_projectors (or, on the 2-stage path,
                       item_embeddings + backbone from pretrain_sasrec); all groups but the item
                       embeddings train.
+The groups a stage trains are its model's groups minus ``<stage>.freeze`` (the defaults above live
+in ``config.py``), so an ablation is a params change.
 
 Parameters are loaded, trained and frozen as explicit groups (``feddmmr.model.GROUPS``), never by
 substring. Loading writes a report (loaded / initialised / missing / unexpected / mismatched tensors)
@@ -32,15 +34,19 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .config import MultimodalTrainParams, Params, TrainParams, resolve_device, validate
+from .client import CLIENT_OPTIMIZERS, EXECUTORS, ClientPool, warm_memories
+from .config import MemoryParams, MultimodalTrainParams, Params, TrainParams, resolve_device, validate
 from .data import Prepared, load_prepared
 from .errors import DivergedError, FeddmmrError, TrackingIncomplete
-from .federated import EXECUTORS, ClientPool, ServerOptimizer, select_clients, warm_memories
+from .features import ModalityFeatures, load_modalities
 from .io import atomic_dir, exclusive, file_sha256, load_tensors, nonfinite, read_json, save_tensors, write_json
 from .memory import MemoryBank, combined_features
 from .metrics import Evaluator, pick
-from .model import GROUPS, FedDMMR, group_of
+from .model import GROUPS, FedDMMR, FedDMMRConfig, group_of
+from .model.loss import LOSSES
+from .modalities import NAMES
 from .resume import Progress, ResumeState, code_sha256, rng_state, set_rng_state
+from .server import SERVER_OPTIMIZERS, ServerOptimizer, select_clients
 from .tracking import StageRun, flatten, stage_diff
 
 log = logging.getLogger("feddmmr")
@@ -49,15 +55,14 @@ log = logging.getLogger("feddmmr")
 @dataclass(frozen=True)
 class StageSpec:
     multimodal: bool
-    trains: frozenset[str]                 # groups that train
     init_from: tuple[str, ...] = ()        # stages this one may load
 
 
-ALL_GROUPS = frozenset(GROUPS)
+# Which groups a stage trains is a parameter: every group of its model but ``<stage>.freeze``.
 STAGE_SPECS = {
-    "pretrain_sasrec": StageSpec(False, frozenset({"item_embeddings", "backbone"})),
-    "align_projectors": StageSpec(True, frozenset({"projections", "gate"}), ("pretrain_sasrec",)),
-    "finetune_moe": StageSpec(True, ALL_GROUPS - {"item_embeddings"}, ("align_projectors", "pretrain_sasrec")),
+    "pretrain_sasrec": StageSpec(False),
+    "align_projectors": StageSpec(True, ("pretrain_sasrec",)),
+    "finetune_moe": StageSpec(True, ("align_projectors", "pretrain_sasrec")),
 }
 STAGES = tuple(STAGE_SPECS)
 REQUIRED_FROM_SOURCE = {"item_embeddings", "backbone"}  # a later stage never starts these from scratch
@@ -66,49 +71,14 @@ FIX = "re-run the stage that writes it (`dvc repro`)"
 
 # ---------------------------------------------------------------------------------------------- building
 
-def build_model(params: Params, data: Prepared, multimodal: bool = False, text_dim: int = 0,
-                visual_dim: int = 0) -> FedDMMR:
-    mp, mm = params.model, params.multimodal
-    return FedDMMR(num_items=data.num_items, max_seq_len=data.max_seq_len, hidden=mp.hidden, blocks=mp.blocks,
-                   heads=mp.heads, ffn_hidden=mp.ffn_hidden, dropout=mp.dropout,
-                   text_dim=text_dim if multimodal else 0, visual_dim=visual_dim if multimodal else 0,
-                   gating_init=mm.gating_init, router_hidden=mm.router_hidden)
+def build_model(params: Params, data: Prepared, feature_dims: dict[str, int] | None = None) -> FedDMMR:
+    """The stage's model: the plain backbone, or with ``feature_dims`` (modality -> size) the multimodal one."""
+    return FedDMMR(FedDMMRConfig.from_params(params, data.num_items, data.max_seq_len, feature_dims))
 
 
-def _model_from_config(config: dict) -> FedDMMR:
-    mp, mm = config["model"], config.get("multimodal") or {}
-    dims = config.get("feature_dims") or {}
-    return FedDMMR(num_items=config["num_items"], max_seq_len=config["max_seq_len"], hidden=mp["hidden"],
-                   blocks=mp["blocks"], heads=mp["heads"], ffn_hidden=mp["ffn_hidden"], dropout=mp["dropout"],
-                   text_dim=dims.get("text", 0), visual_dim=dims.get("visual", 0),
-                   gating_init=mm.get("gating_init", 0.1), router_hidden=mm.get("router_hidden", 64))
-
-
-def load_stage_features(features_dir: str | Path, data: Prepared) -> dict:
-    """Both modalities' tables, masks and file hashes (a missing file fails with the fix)."""
-    from .features import load_features
-
-    out = {}
-    for modality in ("text", "visual"):
-        d = Path(features_dir) / modality
-        feats, mask = load_features(d, data.num_items)
-        out[modality] = {"features": feats, "mask": mask, "sha256": file_sha256(d / "features.safetensors"),
-                         "dim": int(feats.shape[1]), "coverage": float(mask[1:].float().mean())}
-    if not out["text"]["mask"][1:].any() and not out["visual"]["mask"][1:].any():
-        raise FeddmmrError(f"{features_dir}: neither text nor visual features cover any item; a multimodal stage "
-                           f"needs at least one modality (check features_text / features_visual and re-run them)")
-    return out
-
-
-def _memory(params: Params, data: Prepared, feats: dict) -> MemoryBank:
-    mp = params.memory
-    comb = combined_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
-                             feats["text"]["mask"])
-    try:
-        return MemoryBank(data.num_users, mp.st_capacity, mp.lt_capacity, mp.retrieve_lt, mp.surprise_threshold,
-                          mp.merge_threshold, mp.half_life, comb)
-    except ValueError as exc:
-        raise FeddmmrError(f"memory params: {exc}") from None
+def build_memory(params: Params, data: Prepared, feats: dict[str, ModalityFeatures]) -> MemoryBank:
+    """Every client's two-tier memory, merging near-duplicates by the modalities' combined features."""
+    return MemoryBank(data.num_users, params.memory, combined_features({m: (f.table, f.mask) for m, f in feats.items()}))
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -142,7 +112,7 @@ def load_groups(model: FedDMMR, source_dir: str | Path, data: Prepared, feature_
             f"the checkpoint does not belong to this model/data (re-run the previous stage: `dvc repro`)")
     if "projections" in source_groups and feature_sha is not None:
         was = config.get("features") or {}
-        changed = [m for m in ("text", "visual") if was.get(m) != feature_sha.get(m)]
+        changed = [m for m in NAMES if was.get(m) != feature_sha.get(m)]
         if changed:
             raise FeddmmrError(f"{source_dir} projections were trained on other {', '.join(changed)} features than "
                                f"features/{changed[0]}; re-run the previous stage on the current features (`dvc repro`)")
@@ -183,12 +153,9 @@ def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
     """Choices of a training section (ranges are checked with every parameter by ``config.validate``)."""
     if tp.executor not in EXECUTORS:
         raise FeddmmrError(f"{stage}.executor must be one of {', '.join(EXECUTORS)}, got {tp.executor!r}")
-    if tp.optimizer not in ("adam", "sgd"):
-        raise FeddmmrError(f"{stage}.optimizer must be adam or sgd, got {tp.optimizer!r}")
-    if tp.server_optimizer not in ("adam", "sgd"):
-        raise FeddmmrError(f"{stage}.server_optimizer must be sgd or adam, got {tp.server_optimizer!r}")
-    if tp.loss not in ("ce", "bpr"):
-        raise FeddmmrError(f"{stage}.loss must be ce or bpr, got {tp.loss!r}")
+    for key, allowed in (("optimizer", CLIENT_OPTIMIZERS), ("server_optimizer", SERVER_OPTIMIZERS), ("loss", LOSSES)):
+        if getattr(tp, key) not in allowed:
+            raise FeddmmrError(f"{stage}.{key} must be one of {', '.join(allowed)}, got {getattr(tp, key)!r}")
     protocol, _, metric = tp.selection_metric.partition("/")
     names = {f"{m}@{k}" for m in ("HR", "NDCG") for k in ks} | {"MRR"}
     if tp.keep not in ("best", "last"):
@@ -196,6 +163,9 @@ def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
     if protocol not in ("full", "sampled") or metric not in names:
         raise FeddmmrError(f"{stage}.selection_metric must be full/ or sampled/ followed by one of "
                            f"{', '.join(sorted(names))}; got {tp.selection_metric!r}")
+    unknown = sorted(set(tp.freeze) - set(GROUPS))
+    if unknown:
+        raise FeddmmrError(f"{stage}.freeze names unknown groups {unknown}; groups: {', '.join(GROUPS)}")
     if isinstance(tp, MultimodalTrainParams):
         allowed = STAGE_SPECS[stage].init_from
         if tp.init_from not in allowed:
@@ -252,13 +222,13 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
     validate(params)
     _check_train_params(tp, stage, params.evaluation.ks)
     data = load_prepared(data_dir)
-    feats = load_stage_features(features_dir, data) if spec.multimodal else None
+    feats = load_modalities(features_dir, data) if spec.multimodal else None
     init_dir = _start_checkpoint(stage, spec, tp, out_dir, init_dir)
     sections = {"model": asdict(params.model), stage: asdict(tp), "evaluation": asdict(params.evaluation),
                 "data": {"dir": str(data_dir)}}
     if spec.multimodal:
         sections.update(multimodal=asdict(params.multimodal), memory=asdict(params.memory),
-                        features={m: {"sha256": f["sha256"], "coverage": f["coverage"]} for m, f in feats.items()})
+                        features={m: {"sha256": f.sha256, "coverage": f.coverage} for m, f in feats.items()})
     with exclusive(out_dir), exclusive(metrics_path):
         resume = ResumeState(out_dir, _resume_inputs(stage, sections, data_dir, init_dir))
         if restart:
@@ -315,37 +285,23 @@ def _round_record(history: dict, i: int, with_memory: bool) -> dict[str, float]:
     return record
 
 
-@torch.no_grad()
-def router_stats(model: FedDMMR) -> dict[str, float]:
-    """Mean router weights over the items that have a modality, and the residual gate."""
-    if not model.multimodal:
-        return {}
-    w = model._tables()["route"]                      # [I+1, 2]
-    has = model.avail.any(-1)
-    both = model.avail.all(-1)
-    out = {"gating_weight": float(model.gating_weight), "router.w_vis": float(w[has, 0].mean()),
-           "router.w_sem": float(w[has, 1].mean())}
-    if both.any():
-        out["router.w_vis_both"] = float(w[both, 0].mean())
-    return out
-
-
 def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, data: Prepared, data_dir,
                 feats: dict | None, init_dir: Path | None, saved) -> Setup:
     """Build the model, load the previous stage, set up the client memories; on resume, restore the saved round."""
     torch.manual_seed(tp.seed)
     device = resolve_device(tp.device, stage)
-    dims = {m: f["dim"] for m, f in feats.items()} if feats else {}
-    model = build_model(params, data, spec.multimodal, dims.get("text", 0), dims.get("visual", 0))
-    feature_sha = {m: f["sha256"] for m, f in feats.items()} if feats else None
+    model = build_model(params, data, {m: f.dim for m, f in feats.items()} if feats else None)
+    feature_sha = {m: f.sha256 for m, f in feats.items()} if feats else None
     report = load_groups(model, init_dir, data, feature_sha) if init_dir is not None else None
+    if getattr(tp, "gate_start", None) is not None:
+        with torch.no_grad():
+            model.gating_weight.fill_(tp.gate_start)
     memory = None
     if spec.multimodal:
-        model.set_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
-                           feats["text"]["mask"])
-        memory = _memory(params, data, feats)
+        model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
+        memory = build_memory(params, data, feats)
         _continue_memories(stage, memory, init_dir)
-    server = ServerOptimizer(tp.server_optimizer, tp.server_lr, tp.server_momentum)
+    server = SERVER_OPTIMIZERS[tp.server_optimizer](tp.server_lr, tp.server_momentum)
     if saved is not None:
         _restore(model, memory, server, *saved, device)
     model = model.to(device)
@@ -355,8 +311,8 @@ def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, da
         writes = warm_memories(model, pool, memory, tp)
         log.info("%s: filled %d client memories in %.1fs (%d long-term writes)", stage, data.num_users,
                  time.perf_counter() - t0, writes)
-    config = _checkpoint_config(stage, spec, params, tp, data, data_dir, model, report, dims, feature_sha)
-    trainable = {k for k, _ in model.named_parameters() if group_of(k) in spec.trains}
+    config = _checkpoint_config(stage, spec, params, tp, data, data_dir, model, report, feature_sha)
+    trainable = {k for k, _ in model.named_parameters() if group_of(k) not in tp.freeze}
     return Setup(stage, spec, tp, data, model, memory, pool, Evaluator(data, params.evaluation.ks,
                  params.evaluation.batch_size), server, trainable, report, config, device)
 
@@ -385,7 +341,7 @@ def _restore(model: FedDMMR, memory: MemoryBank | None, server: ServerOptimizer,
 
 
 def _checkpoint_config(stage: str, spec: StageSpec, params: Params, tp: TrainParams, data: Prepared, data_dir,
-                       model: FedDMMR, report: dict | None, dims: dict, feature_sha: dict | None) -> dict:
+                       model: FedDMMR, report: dict | None, feature_sha: dict | None) -> dict:
     """config.json of the checkpoint: shape, data, parameters, lineage and each group's provenance."""
     lineage, groups = [], {}
     if report is not None:
@@ -397,16 +353,16 @@ def _checkpoint_config(stage: str, spec: StageSpec, params: Params, tp: TrainPar
                  ", ".join(report["initialized"]) or "nothing")
     for g in sorted({group_of(k) for k, _ in model.named_parameters()}):
         groups.setdefault(g, {"initialized_in": stage, "trained_in": []})
-        if g in spec.trains:
+        if g not in tp.freeze:
             groups[g] = {**groups[g], "trained_in": groups[g]["trained_in"] + [stage]}
     config = {"stage": stage, "lineage": lineage, "model": asdict(params.model), "num_items": data.num_items,
               "max_seq_len": data.max_seq_len, "num_users": data.num_users, "train": asdict(tp),
               "data": {"dir": str(data_dir), "source_sha256": data.meta["source_sha256"],
                        "num_interactions": data.meta["num_interactions"]},
-              "groups": groups, "best_round": None, "torch": torch.__version__}
+              "model_config": asdict(model.config), "groups": groups, "best_round": None,
+              "torch": torch.__version__}
     if spec.multimodal:
-        config.update(multimodal=asdict(params.multimodal), memory=asdict(params.memory), feature_dims=dims,
-                      features=feature_sha)
+        config.update(multimodal=asdict(params.multimodal), memory=asdict(params.memory), features=feature_sha)
     return config
 
 
@@ -432,7 +388,7 @@ def _fit(setup: Setup, state: Progress, parts: dict | None, resume: ResumeState,
         val0 = setup.evaluator.evaluate(model, "val", memory)
         _check_finite(stage, 0, tp, val=val0)
         state.history = {"round": [0], "train_loss": [None], "val": [val0], "clients": [0], "seconds": [0.0],
-                         "router": [router_stats(model)], "memory_writes": [0], "mean_surprise": [None]}
+                         "router": [model.router_stats()], "memory_writes": [0], "mean_surprise": [None]}
         state.best_score = pick(val0, tp.selection_metric)
         best = _snapshot(setup)
         tracker.sync(record, 0)
@@ -487,7 +443,7 @@ def _round(setup: Setup, state: Progress, rnd: int, executor, best: tuple) -> tu
     _check_finite(stage, rnd, tp, val=val)
     seconds = time.perf_counter() - t0
     score = pick(val, tp.selection_metric)
-    gates = router_stats(model)
+    gates = model.router_stats()
     for key, value in (("round", rnd), ("train_loss", result.train_loss), ("val", val), ("clients", result.clients),
                        ("seconds", seconds), ("router", gates), ("memory_writes", result.memory_writes),
                        ("mean_surprise", result.mean_surprise)):
@@ -554,10 +510,12 @@ def load_checkpoint(ckpt_dir: str | Path, data: Prepared | None = None,
     """Rebuild a stage checkpoint's model (features and client memory included), failing on any mismatch."""
     ckpt_dir = Path(ckpt_dir)
     config = read_json(ckpt_dir / "config.json", "checkpoint config")
+    if "model_config" not in config:
+        raise FeddmmrError(f"{ckpt_dir / 'config.json'} has no model_config (written by an older feddmmr); {FIX}")
     if data is not None:
         _check_same_data(ckpt_dir, config, data)
     state = load_tensors(ckpt_dir / "model.safetensors", "checkpoint weights", FIX)
-    model = _model_from_config(config)
+    model = FedDMMR(FedDMMRConfig(**config["model_config"]))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -570,15 +528,12 @@ def load_checkpoint(ckpt_dir: str | Path, data: Prepared | None = None,
     if model.multimodal:
         if data is None:
             raise FeddmmrError(f"{ckpt_dir} is a multimodal checkpoint: evaluating it needs the prepared data")
-        feats = load_stage_features(features_dir, data)
-        stale = [m for m in ("text", "visual") if (config.get("features") or {}).get(m) != feats[m]["sha256"]]
+        feats = load_modalities(features_dir, data)
+        stale = [m for m in NAMES if (config.get("features") or {}).get(m) != feats[m].sha256]
         if stale:
             raise FeddmmrError(f"{ckpt_dir} was trained on other {', '.join(stale)} features than those in "
                                f"{features_dir}; pass --features with the stage's features or re-run it (`dvc repro`)")
-        model.set_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
-                           feats["text"]["mask"])
-        mp = config["memory"]
-        memory = MemoryBank(config["num_users"], mp["st_capacity"], mp["lt_capacity"], mp["retrieve_lt"],
-                            mp["surprise_threshold"], mp["merge_threshold"], mp["half_life"])
+        model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
+        memory = MemoryBank(config["num_users"], MemoryParams(**config["memory"]))
         memory.load_state_dict(load_tensors(ckpt_dir / "memory.safetensors", "client memory", FIX))
     return model, config, memory

@@ -18,9 +18,10 @@ from prefect.runtime import flow_run
 
 from feddmmr.config import load_params
 from feddmmr.errors import FeddmmrError
+from feddmmr.modalities import NAMES
 
 TRAIN_STEPS = ("pretrain_sasrec", "align_projectors", "finetune_moe")
-STEPS = ("prepare", "features_text", "features_visual") + TRAIN_STEPS
+STEPS = ("prepare", *(f"features_{m}" for m in NAMES)) + TRAIN_STEPS
 DATA = "data/prepared"
 
 
@@ -38,11 +39,8 @@ def prepare_task(params_file: str, overrides: list[str]) -> dict:
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
 def features_task(modality: str, params_file: str, overrides: list[str]) -> dict:
-    from feddmmr.features import extract_text, extract_visual
-    params = load_params(params_file, overrides)
-    if modality == "text":
-        return extract_text(params.prepare, params.features_text, DATA, "features/text", progress=False)
-    return extract_visual(params.features_visual, DATA, "features/visual", progress=False)
+    from feddmmr.features import extract
+    return extract(modality, load_params(params_file, overrides), DATA, f"features/{modality}", progress=False)
 
 
 @task(retries=1, retry_delay_seconds=30, retry_condition_fn=transient)
@@ -96,7 +94,7 @@ def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides
         if "prepare" in steps:
             results["prepare"] = prepare_task(params_file, overrides)
             print(f"prepared: {results['prepare']['num_users']} users, {results['prepare']['num_items']} items")
-        for modality in ("text", "visual"):
+        for modality in NAMES:
             if f"features_{modality}" in steps:
                 results[f"features_{modality}"] = report = features_task(modality, params_file, overrides)
                 print(f"{modality} features: {report['covered']}/{report['items']} items")

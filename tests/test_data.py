@@ -5,7 +5,9 @@ import pytest
 
 from conftest import shared
 from feddmmr.config import PrepareParams
-from feddmmr.data import build_sequences, eval_inputs, load_prepared, prepare, read_interactions, train_windows
+from feddmmr.client import train_windows
+from feddmmr.data import build_sequences, load_prepared, prepare, read_interactions
+from feddmmr.metrics import eval_inputs
 from feddmmr.errors import FeddmmrError
 
 

@@ -3,7 +3,8 @@ import torch
 
 from conftest import tiny_params
 from feddmmr.data import load_prepared
-from feddmmr.federated import ClientPool, select_clients, train_round_sequential, train_round_vectorized
+from feddmmr.client import ClientPool, train_round_sequential, train_round_vectorized
+from feddmmr.server import FedAdam, FedAvgM, select_clients
 from feddmmr.stages import build_model
 
 
@@ -78,11 +79,10 @@ def test_client_selection_is_seeded_and_sized():
 
 
 def test_server_momentum_keeps_frozen_tensors_and_defaults_to_fedavg():
-    from feddmmr.federated import ServerOptimizer
     cur = {"a": torch.zeros(3), "b": torch.ones(2)}
     avg = {"a": torch.ones(3), "b": torch.ones(2)}
-    assert ServerOptimizer("sgd", 1.0, 0.0).step(cur, avg) is avg
-    opt = ServerOptimizer("sgd", 1.0, 0.5)
+    assert FedAvgM(1.0, 0.0).step(cur, avg) is avg
+    opt = FedAvgM(1.0, 0.5)
     first = opt.step(cur, avg)
     assert torch.equal(first["a"], torch.ones(3)) and torch.equal(first["b"], cur["b"])
     second = opt.step(first, {"a": torch.full((3,), 2.0), "b": torch.ones(2)})
@@ -90,8 +90,7 @@ def test_server_momentum_keeps_frozen_tensors_and_defaults_to_fedavg():
 
 
 def test_fedadam_first_step_moves_each_changed_coordinate_by_lr():
-    from feddmmr.federated import ServerOptimizer
-    opt = ServerOptimizer("adam", lr=0.01, momentum=0.9)
+    opt = FedAdam(lr=0.01, momentum=0.9)
     cur = {"a": torch.zeros(4), "frozen": torch.ones(2)}
     out = opt.step(cur, {"a": torch.tensor([1e-3, -2.0, 0.5, 0.0]), "frozen": torch.ones(2)})
     torch.testing.assert_close(out["a"], torch.tensor([0.01, -0.01, 0.01, 0.0]), rtol=1e-4, atol=1e-6)
@@ -103,25 +102,25 @@ def test_multimodal_executors_agree_on_weights_and_memories(setup, trainable_gro
     """Stages 2-3: both executors give the same aggregate and the same client memories."""
     from conftest import tiny_stage_params, write_tiny_features
     from feddmmr.model import group_of
-    from feddmmr.stages import _memory, load_stage_features
+    from feddmmr.features import load_modalities
+    from feddmmr.stages import build_memory
     data, pool = setup
     params = tiny_stage_params(clients_per_chunk=3)
     params.model.dropout = 0.0
     tp = params.finetune_moe
     tp.load_balance_weight = 0.1
-    feats = load_stage_features(write_tiny_features(tmp_path, data.num_items), data)
+    feats = load_modalities(write_tiny_features(tmp_path, data.num_items), data)
     torch.manual_seed(0)
-    model = build_model(params, data, True, 24, 16)
-    model.set_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
-                       feats["text"]["mask"])
+    model = build_model(params, data, {"visual": 16, "text": 24})
+    model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
     with torch.no_grad():  # as after some training: experts and router active, so every loss term has gradient
-        for e in (model.visual_expert, model.semantic_expert):
+        for e in model.experts.values():
             e.value.weight.normal_(0, 0.3)
         model.router.mlp[-1].weight.normal_(0, 0.3)
     trainable = None if trainable_groups is None else {k for k, _ in model.named_parameters()
                                                         if group_of(k) in trainable_groups}
     clients = select_clients(data.num_users, 0.5, rnd=1, seed=0)
-    mems = [_memory(params, data, feats) for _ in range(2)]
+    mems = [build_memory(params, data, feats) for _ in range(2)]
     for mem in mems:  # a memory from an earlier round, so retrieval is non-empty
         train_round_sequential(model, clients[:6], pool, 0, tp, trainable, mem)
     seq = train_round_sequential(model, clients, pool, 1, tp, trainable, mems[0])
@@ -140,23 +139,22 @@ def test_multimodal_executors_agree_on_weights_and_memories(setup, trainable_gro
 def test_trainable_tensor_without_gradient_stays_bit_identical_through_fedadam(setup, tmp_path):
     """No posters: the visual parameters train but get no gradient; FedAvg + FedAdam must not move them."""
     from conftest import tiny_stage_params, write_tiny_features
-    from feddmmr.federated import ServerOptimizer
-    from feddmmr.stages import _memory, load_stage_features
+    from feddmmr.features import load_modalities
+    from feddmmr.stages import build_memory
     data, pool = setup
     params = tiny_stage_params()
-    feats = load_stage_features(write_tiny_features(tmp_path, data.num_items, visual=False), data)
+    feats = load_modalities(write_tiny_features(tmp_path, data.num_items, visual=False), data)
     torch.manual_seed(0)
-    model = build_model(params, data, True, 24, 16)
-    model.set_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
-                       feats["text"]["mask"])
-    memory = _memory(params, data, feats)
-    server = ServerOptimizer("adam", 0.01, 0.9)
+    model = build_model(params, data, {"visual": 16, "text": 24})
+    model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
+    memory = build_memory(params, data, feats)
+    server = FedAdam(0.01, 0.9)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     for rnd in (1, 2):
         result = train_round_vectorized(model, select_clients(data.num_users, 0.5, rnd, 0), pool, rnd,
                                         params.finetune_moe, None, memory)
         model.load_state_dict(server.step({k: v.detach() for k, v in model.state_dict().items()}, result.state))
     after = dict(model.named_parameters())
-    for k in ("visual_proj.weight", "visual_proj.bias", "visual_expert.value.weight"):
+    for k in ("projections.visual.weight", "projections.visual.bias", "experts.visual.value.weight"):
         assert torch.equal(after[k], before[k]), k
-    assert not torch.equal(after["text_proj.weight"], before["text_proj.weight"])
+    assert not torch.equal(after["projections.text.weight"], before["projections.text.weight"])

@@ -2,13 +2,14 @@ import numpy as np
 import pytest
 import torch
 
+from feddmmr.config import MemoryParams
 from feddmmr.memory import MemoryBank, combined_features
 
 
-def bank(**kw):
+def bank(comb=None, **kw):
     args = dict(st_capacity=3, lt_capacity=3, retrieve_lt=2, surprise_threshold=0.5, merge_threshold=0.9, half_life=4.0)
     args.update(kw)
-    return MemoryBank(2, **args)
+    return MemoryBank(2, MemoryParams(**args), comb)
 
 
 def test_short_term_is_fifo_of_the_stream_in_time_order():
@@ -74,6 +75,6 @@ def test_combined_features_are_unit_or_zero():
     t = torch.randn(4, 2)
     vm = torch.tensor([False, True, False, True])
     tm = torch.tensor([False, True, True, False])
-    c = combined_features(v, vm, t, tm)
+    c = combined_features({"visual": (v, vm), "text": (t, tm)})
     norms = c.norm(dim=-1)
     assert norms[0] == 0 and torch.allclose(norms[1:], torch.ones(3))

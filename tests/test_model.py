@@ -42,10 +42,10 @@ def test_score_matches_score_all():
 
 
 def _mm(seed=0, visual=True, gating=0.5):
-    from feddmmr.model import FedDMMR
+    from feddmmr.model import FedDMMR, FedDMMRConfig
     torch.manual_seed(seed)
-    m = FedDMMR(num_items=30, max_seq_len=8, hidden=16, blocks=1, heads=2, ffn_hidden=16, dropout=0.0,
-                text_dim=12, visual_dim=10, gating_init=gating, router_hidden=8).eval()
+    m = FedDMMR(FedDMMRConfig(num_items=30, max_seq_len=8, hidden=16, blocks=1, heads=2, ffn_hidden=16, dropout=0.0,
+                              gating_init=gating, router_hidden=8, feature_dims={"visual": 10, "text": 12})).eval()
     g = torch.Generator().manual_seed(seed)
     vis, txt = torch.randn(31, 10, generator=g), torch.randn(31, 12, generator=g)
     vm, tm = torch.ones(31, dtype=torch.bool), torch.ones(31, dtype=torch.bool)
@@ -53,14 +53,14 @@ def _mm(seed=0, visual=True, gating=0.5):
     tm[::5] = False
     if not visual:
         vm[:] = False
-    m.set_features(vis, vm, txt, tm)
+    m.set_features({"visual": (vis, vm), "text": (txt, tm)})
     return m
 
 
 def _train_experts(m):
     """Give the zero-initialised value maps and router weights so that memory matters."""
     with torch.no_grad():
-        for e in (m.visual_expert, m.semantic_expert):
+        for e in m.experts.values():
             e.value.weight.normal_(0, 0.5)
         m.router.mlp[-1].weight.normal_(0, 0.5)
 
@@ -71,7 +71,7 @@ def test_every_parameter_belongs_to_exactly_one_group():
     seen = {group_of(k) for k, _ in m.named_parameters()}
     assert seen == set(GROUPS)
     assert group_of("sasrec.item_emb.weight") == "item_embeddings" and group_of("sasrec.blocks.0.ln1.weight") == "backbone"
-    assert group_of("gating_weight") == "gate" and group_of("text_proj.weight") == "projections"
+    assert group_of("gating_weight") == "gate" and group_of("projections.text.weight") == "projections"
 
 
 def test_untrained_experts_pool_the_memory_and_an_empty_memory_adds_nothing():
@@ -83,8 +83,8 @@ def test_untrained_experts_pool_the_memory_and_an_empty_memory_adds_nothing():
     empty = m.score(h, cands, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool))
     assert torch.allclose(empty, base, atol=1e-6)
     assert not torch.allclose(m.score(h, cands, torch.tensor([[1, 2, 4, 5]]), torch.ones(1, 4, dtype=torch.bool)), base)
-    slot = m.project("sem", torch.tensor(2))
-    out = m.semantic_expert.pooled(torch.randn(1, 3, 16), slot.view(1, 1, 16), torch.ones(1, 1, dtype=torch.bool))
+    slot = m.project("text", torch.tensor(2))
+    out = m.experts["text"].pooled(torch.randn(1, 3, 16), slot.view(1, 1, 16), torch.ones(1, 1, dtype=torch.bool))
     torch.testing.assert_close(out, torch.nn.functional.layer_norm(slot, (16,)).expand(1, 3, 16))
 
 
@@ -126,17 +126,17 @@ def test_masked_feature_rows_never_enter_the_model():
     cands, mem, vis = torch.tensor([[3, 5, 7, 10]]), torch.tensor([[3, 6, 9, 1]]), torch.ones(1, 4, dtype=torch.bool)
     before = m.score(h, cands, mem, vis)
     with torch.no_grad():  # rows of items without a poster (every third) or text (every fifth) are noise now
-        m.visual_feat[::3] = 100.0
-        m.text_feat[::5] = 100.0
+        m.features_visual[::3] = 100.0
+        m.features_text[::5] = 100.0
     vm, tm = m.avail[:, 0].clone(), m.avail[:, 1].clone()
-    m.set_features(m.visual_feat.clone(), vm, m.text_feat.clone(), tm)
+    m.set_features({"visual": (m.features_visual.clone(), vm), "text": (m.features_text.clone(), tm)})
     assert torch.allclose(m.score(h, cands, mem, vis), before, atol=1e-6)
 
 
 def test_router_weights_follow_modality_availability():
     m = _mm()
     _train_experts(m)
-    w = m._tables()["route"].detach()
+    w = m.tables()["route"].detach()
     assert (w[1] > 0).all() and abs(float(w[1].sum()) - 1) < 1e-6  # both modalities
     assert w[3].tolist() == [0.0, 1.0]      # no poster -> semantic only
     assert w[5].tolist() == [1.0, 0.0]      # no text -> visual only

@@ -51,7 +51,7 @@ def test_align_projectors_trains_only_projections_and_gate(chain, tiny_prepared)
     assert set(s1) < set(s2)
     assert _changed_groups(s1, s2) == {"item_embeddings": False, "backbone": False}   # bit-identical to stage 1
     torch.manual_seed(p.align_projectors.seed)  # the stage's initialisation, rebuilt
-    fresh = build_model(p, load_prepared(tiny_prepared), True, 24, 16).state_dict()
+    fresh = build_model(p, load_prepared(tiny_prepared), {"visual": 16, "text": 24}).state_dict()
     changed = _changed_groups(fresh, {k: v for k, v in s2.items() if k not in s1})
     assert changed == {"projections": True, "gate": True, "experts": False, "router": False}
     report = json.loads((root / "ck" / "align_projectors" / "load_report.json").read_text())
@@ -72,7 +72,7 @@ def test_finetune_moe_trains_all_but_item_embeddings(chain):
     assert changed.pop("item_embeddings") is False
     assert all(changed.values()), changed   # backbone, projections, gate, experts, router all moved
     assert torch.equal(s3["sasrec.item_emb.weight"], s1["sasrec.item_emb.weight"])
-    for expert in ("visual_expert", "semantic_expert"):
+    for expert in ("experts.visual", "experts.text"):
         assert not torch.equal(s3[f"{expert}.value.weight"], s2[f"{expert}.value.weight"])
     report = json.loads((root / "ck" / "finetune_moe" / "load_report.json").read_text())
     assert set(report["loaded"]) == {"item_embeddings", "backbone", "projections", "gate", "experts", "router"}
@@ -80,8 +80,8 @@ def test_finetune_moe_trains_all_but_item_embeddings(chain):
     history = json.loads((root / "ck" / "finetune_moe" / "train_history.json").read_text())
     gates = [r["gating_weight"] for r in history["router"]]
     assert len(gates) == 3 and len(set(gates)) > 1                       # logged per round, and learning
-    assert all(0 < r["router.w_vis"] < 1 and 0 < r["router.w_vis_both"] < 1 for r in history["router"])
-    both = [r["router.w_vis_both"] for r in history["router"]]
+    assert all(0 < r["router.w_visual"] < 1 and 0 < r["router.w_visual_all"] < 1 for r in history["router"])
+    both = [r["router.w_visual_all"] for r in history["router"]]
     assert both[0] == pytest.approx(0.5) and both[-1] != both[0]        # starts even; the router trains in stage 3
 
 
@@ -147,13 +147,32 @@ def test_loading_fails_loudly_on_partial_or_mismatched_checkpoints(chain, tiny_p
 def test_stage3_refuses_projections_trained_on_other_features(chain, tiny_prepared, tmp_path):
     root, _ = chain
     other = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared).num_items, seed=5)
-    with pytest.raises(FeddmmrError, match="projections were trained on other text, visual features"):
+    with pytest.raises(FeddmmrError, match="projections were trained on other visual, text features"):
         train_stage("finetune_moe", _params(), tiny_prepared, tmp_path / "out", tmp_path / "m.json", progress=False,
                     features_dir=other, init_dir=root / "ck" / "align_projectors")
 
 
 def test_multimodal_stage_needs_feature_files(chain, tiny_prepared, tmp_path):
     root, _ = chain
-    with pytest.raises(FeddmmrError, match="feature file not found: .*text/features.safetensors"):
+    with pytest.raises(FeddmmrError, match="feature file not found: .*visual/features.safetensors"):
         train_stage("align_projectors", _params(), tiny_prepared, tmp_path / "out", tmp_path / "m.json",
                     progress=False, features_dir=tmp_path / "none", init_dir=root / "ck" / "pretrain_sasrec")
+
+
+def test_which_groups_train_is_a_parameter(chain, tiny_prepared, tmp_path):
+    """The backbone-only ablation as a params change: everything but the backbone frozen, the gate started at 0."""
+    root, _ = chain
+    p = _params()
+    p.finetune_moe.freeze = ["item_embeddings", "projections", "gate", "experts", "router"]
+    p.finetune_moe.gate_start = 0.0
+    train_stage("finetune_moe", p, tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False,
+                features_dir=root / "features", init_dir=root / "ck" / "align_projectors")
+    s2, s3 = _weights(root, "align_projectors"), load_tensors(tmp_path / "ck" / "model.safetensors", "w", "")
+    assert float(s3["gating_weight"]) == 0.0
+    changed = _changed_groups(s2, s3)
+    assert changed.pop("backbone") is True and changed.pop("gate") is True     # the gate was set to 0, then frozen
+    assert not any(changed.values()), changed
+    p.finetune_moe.freeze = ["item_embeddings", "decoder"]
+    with pytest.raises(FeddmmrError, match=r"finetune_moe.freeze names unknown groups \['decoder'\]"):
+        train_stage("finetune_moe", p, tiny_prepared, tmp_path / "ck2", tmp_path / "m2.json", progress=False,
+                    features_dir=root / "features", init_dir=root / "ck" / "align_projectors")

@@ -138,14 +138,14 @@ def test_later_stages_log_load_report_param_diff_and_router_curves(tiny_prepared
     diff = json.loads(open(client.download_artifacts(align.info.run_id, "param_diff.json", str(tmp_path))).read())
     assert diff["modules"]["sasrec.item_emb"]["changed"] is False and diff["modules"]["sasrec.item_emb"]["l2_delta"] == 0
     assert all(not m["changed"] for m in diff["modules"].values())  # stage 2 leaves every stage-1 tensor untouched
-    assert any(k.startswith("text_proj") for k in diff["added"])
+    assert any(k.startswith("projections.text") for k in diff["added"])
     assert "sasrec.item_emb" in align.data.tags["unchanged_modules"]
     final = json.loads(open(client.download_artifacts(run["finetune_moe"].info.run_id, "param_diff.json",
                                                       str(tmp_path / "f"))).read())
     assert final["modules"]["sasrec.item_emb"]["changed"] is False
-    assert final["modules"]["text_proj"]["changed"] is True and final["modules"]["router.mlp"]["changed"] is True
+    assert final["modules"]["projections.text"]["changed"] is True and final["modules"]["router.mlp"]["changed"] is True
     gates = client.get_metric_history(run["finetune_moe"].info.run_id, "gating_weight")
     assert sorted(m.step for m in gates) == [0, 1, 2]
-    assert client.get_metric_history(run["finetune_moe"].info.run_id, "router.w_vis")
+    assert client.get_metric_history(run["finetune_moe"].info.run_id, "router.w_visual")
     table = compare()
     assert all(s in table for s in ("pretrain_sasrec", "align_projectors", "finetune_moe"))

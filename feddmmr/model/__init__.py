@@ -1,4 +1,4 @@
-from .feddmmr import GROUPS, FedDMMR, group_of
+from .feddmmr import GROUPS, FedDMMR, FedDMMRConfig, group_of
 from .sasrec import SASRec
 
-__all__ = ["GROUPS", "FedDMMR", "SASRec", "group_of"]
+__all__ = ["GROUPS", "FedDMMR", "FedDMMRConfig", "SASRec", "group_of"]

@@ -1,14 +1,15 @@
 """FedDMMR: SASRec backbone with a residual multimodal enhancement read from the client's memory.
 
 For a user state h (the backbone's last position after its final LayerNorm, i.e. LN(seq)) and a
-candidate item c:
+candidate item c, with one expert per modality m (``feddmmr.modalities``):
 
-    vis_c = VisualExpert(query = P_vis(v_c), slots = P_vis(v_memory))           P_vis: 512 -> d
-    sem_c = SemanticExpert(query = E_c,      slots = P_sem(t_memory))           P_sem: 384 -> d
-    (w_vis, w_sem)_c = Router(E_c), restricted to the modalities item c has
-    fused_c = LN(seq) + g * (w_vis * LN(vis_c) + w_sem * LN(sem_c))              g: learnable gating_weight
+    out_m,c = Expert_m(query = P_m(f_m,c) or E_c, slots = P_m(f_m,memory))     P_m: D_m -> d
+    w_c     = Router(E_c), restricted to the modalities item c has
+    fused_c = LN(seq) + g * sum_m w_m,c * LN(out_m,c)                            g: learnable gating_weight
     score_c = <fused_c, E_c>                                                    E: the shared item embeddings
 
+With the two modalities of the paper, visual (query: the candidate's projected poster) and text
+(query: its item embedding), fused = LN(seq) + g * (w_vis LN(vis) + w_sem LN(sem)).
 One scoring function serves training (sampled candidates) and evaluation (sampled or every item).
 The experts read the user's memory, so the enhancement is personal: with an empty memory it is zero.
 With no feature dims (Stage 1) the model is the plain backbone: score_c = <h, E_c>.
@@ -18,10 +19,13 @@ features are loaded from the feature files, with their hashes checked, when a mo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modalities import NAMES, QUERY
 from .experts import MemoryExpert
 from .router import Router
 from .sasrec import SASRec, score_items
@@ -30,9 +34,9 @@ from .sasrec import SASRec, score_items
 GROUPS: dict[str, tuple[str, ...]] = {
     "item_embeddings": ("sasrec.item_emb.",),
     "backbone": ("sasrec.",),
-    "projections": ("visual_proj.", "text_proj."),
+    "projections": ("projections.",),
     "gate": ("gating_weight",),
-    "experts": ("visual_expert.", "semantic_expert."),
+    "experts": ("experts.",),
     "router": ("router.",),
 }
 
@@ -45,84 +49,112 @@ def group_of(name: str) -> str:
     raise KeyError(f"parameter {name!r} belongs to no group")
 
 
+@dataclass
+class FedDMMRConfig:
+    """The model's shape; saved in a checkpoint's config.json and rebuilt with ``FedDMMR(FedDMMRConfig(**d))``.
+
+    It has no defaults of its own: they live in the params sections (``config.ModelParams``,
+    ``config.MultimodalParams``) and reach it through ``from_params``.
+    """
+    num_items: int
+    max_seq_len: int
+    hidden: int
+    blocks: int
+    heads: int
+    ffn_hidden: int
+    dropout: float
+    gating_init: float
+    router_hidden: int
+    feature_dims: dict[str, int] = field(default_factory=dict)   # modality -> feature size; {} = Stage 1
+
+    @classmethod
+    def from_params(cls, params, num_items: int, max_seq_len: int,
+                    feature_dims: dict[str, int] | None = None) -> FedDMMRConfig:
+        mp, mm = params.model, params.multimodal
+        return cls(num_items, max_seq_len, mp.hidden, mp.blocks, mp.heads, mp.ffn_hidden, mp.dropout,
+                   mm.gating_init, mm.router_hidden, dict(feature_dims or {}))
+
+
 class FedDMMR(nn.Module):
-    def __init__(self, num_items: int, max_seq_len: int, hidden: int = 128, blocks: int = 2, heads: int = 4,
-                 ffn_hidden: int = 128, dropout: float = 0.2, text_dim: int = 0, visual_dim: int = 0,
-                 gating_init: float = 0.1, router_hidden: int = 64):
+    def __init__(self, config: FedDMMRConfig):
         super().__init__()
-        self.num_items, self.hidden = num_items, hidden
-        self.sasrec = SASRec(num_items, max_seq_len, hidden, blocks, heads, ffn_hidden, dropout)
-        self.multimodal = bool(text_dim or visual_dim)
+        c = self.config = config
+        self.num_items, self.hidden = c.num_items, c.hidden
+        self.sasrec = SASRec(c.num_items, c.max_seq_len, c.hidden, c.blocks, c.heads, c.ffn_hidden, c.dropout)
+        unknown = sorted(set(c.feature_dims) - set(NAMES))
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; known: {', '.join(NAMES)}")
+        self.modalities = [m for m in NAMES if m in c.feature_dims]    # in the order of feddmmr.modalities
+        self.multimodal = bool(self.modalities)
         if not self.multimodal:
             return
-        if not (text_dim and visual_dim):
-            raise ValueError("a multimodal model needs both text_dim and visual_dim (a missing modality is masked)")
-        self.text_dim, self.visual_dim = text_dim, visual_dim
-        self.visual_proj = nn.Linear(visual_dim, hidden)
-        self.text_proj = nn.Linear(text_dim, hidden)
-        self.visual_expert = MemoryExpert(hidden)
-        self.semantic_expert = MemoryExpert(hidden)
-        self.router = Router(hidden, router_hidden)
-        self.gating_weight = nn.Parameter(torch.tensor(float(gating_init)))
-        self.register_buffer("visual_feat", torch.zeros(num_items + 1, visual_dim), persistent=False)
-        self.register_buffer("text_feat", torch.zeros(num_items + 1, text_dim), persistent=False)
-        self.register_buffer("avail", torch.zeros(num_items + 1, 2, dtype=torch.bool), persistent=False)  # (vis, sem)
-        self.has_visual = False
+        self.projections = nn.ModuleDict({m: nn.Linear(c.feature_dims[m], c.hidden) for m in self.modalities})
+        self.experts = nn.ModuleDict({m: MemoryExpert(c.hidden) for m in self.modalities})
+        self.router = Router(c.hidden, c.router_hidden, len(self.modalities))
+        self.gating_weight = nn.Parameter(torch.tensor(float(c.gating_init)))
+        for m in self.modalities:
+            self.register_buffer(f"features_{m}", torch.zeros(c.num_items + 1, c.feature_dims[m]), persistent=False)
+        self.register_buffer("avail", torch.zeros(c.num_items + 1, len(self.modalities), dtype=torch.bool),
+                             persistent=False)                                              # [I+1, M]
+        self.covered = {m: False for m in self.modalities}
 
     # ------------------------------------------------------------------ features
-    def set_features(self, visual: torch.Tensor, visual_mask: torch.Tensor, text: torch.Tensor,
-                     text_mask: torch.Tensor) -> None:
-        """Item feature tables [I+1, D] with masks [I+1]; masked rows never enter the model."""
-        for name, t, dim in (("visual", visual, self.visual_dim), ("text", text, self.text_dim)):
-            if tuple(t.shape) != (self.num_items + 1, dim):
-                raise ValueError(f"{name} features are {tuple(t.shape)}, expected {(self.num_items + 1, dim)}")
+    def set_features(self, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Item feature tables [I+1, D_m] with masks [I+1], per modality; masked rows never enter the model."""
+        if set(features) != set(self.modalities):
+            raise ValueError(f"features for {sorted(features)}, the model has {self.modalities}")
         with torch.no_grad():
-            self.visual_feat.copy_(visual * visual_mask.unsqueeze(-1))
-            self.text_feat.copy_(text * text_mask.unsqueeze(-1))
-            self.avail.copy_(torch.stack([visual_mask, text_mask], dim=-1))
+            for i, m in enumerate(self.modalities):
+                table, mask = features[m]
+                expected = (self.num_items + 1, self.config.feature_dims[m])
+                if tuple(table.shape) != expected:
+                    raise ValueError(f"{m} features are {tuple(table.shape)}, expected {expected}")
+                getattr(self, f"features_{m}").copy_(table * mask.unsqueeze(-1))
+                self.avail[:, i] = mask
+                self.covered[m] = bool(mask[1:].any())
             self.avail[0] = False
-        self.has_visual = bool(visual_mask[1:].any())
 
     # ------------------------------------------------------------------ backbone
     def encode(self, seq: torch.Tensor) -> torch.Tensor:
         """seq [B, L] -> LN(seq) states [B, L, d]."""
         return self.sasrec.encode(seq)
 
-    def _tables(self) -> dict[str, torch.Tensor]:
+    def tables(self) -> dict[str, torch.Tensor]:
         """Item-side quantities needed for every item, computed once per call: [I+1, ...]."""
         E = self.sasrec.item_emb.weight                                                     # [I+1, d]
-        t = {"route": self.router(E, self.avail)}                                           # [I+1, 2]
-        if self.has_visual:                                                                 # visual queries
-            t["vis"] = self.visual_proj(self.visual_feat) * self.avail[:, 0:1]              # [I+1, d]
+        t = {"route": self.router(E, self.avail)}                                           # [I+1, M]
+        for m in self.modalities:
+            if QUERY[m] == "feature" and self.covered[m]:                                   # feature queries
+                t[m] = self.project(m, slice(None))                                         # [I+1, d]
         return t
 
-    def project(self, modality: str, items: torch.Tensor) -> torch.Tensor:
-        """Projected features of items [...] -> [..., d]; zero where the item lacks the modality."""
-        col = 0 if modality == "vis" else 1
-        if modality == "sem":
-            x = self.text_proj(F.embedding(items, self.text_feat))                          # [..., d]
-        else:
-            x = self.visual_proj(F.embedding(items, self.visual_feat))
-        return x * F.embedding(items, self.avail.to(x.dtype))[..., col: col + 1]
+    def project(self, modality: str, items) -> torch.Tensor:
+        """Projected features of items [...] (or a slice of all rows) -> [..., d]; zero where an item lacks it."""
+        i = self.modalities.index(modality)
+        table = getattr(self, f"features_{modality}")
+        rows = table[items] if isinstance(items, slice) else F.embedding(items, table)
+        have = self.avail[items] if isinstance(items, slice) else F.embedding(items, self.avail.to(rows.dtype))
+        return self.projections[modality](rows) * have[..., i: i + 1].to(rows.dtype)
 
     def _enhance(self, tables: dict, cands: torch.Tensor | None, mem_ids: torch.Tensor, visible: torch.Tensor):
         """Expert term of candidates [..., C] (None: every real item) given memory slots [..., K].
 
-        Returns aux [..., C] = w_vis <LN(vis_c), E_c> + w_sem <LN(sem_c), E_c> and router weights [..., C, 2].
+        Returns aux [..., C] = sum_m w_m <LN(out_m), E_c> and the router weights [..., C, M].
         """
         if cands is None:                     # all items: the tables themselves, broadcast over the batch
             rows = lambda t: t[1:]            # noqa: E731  [I, ...]
         else:
             rows = lambda t: F.embedding(cands, t)  # noqa: E731  [..., C, ...]
         E_c = rows(self.sasrec.item_emb.weight)                                             # [..., C, d]
-        w = rows(tables["route"])                                                           # [..., C, 2]
-        slot_avail = F.embedding(mem_ids, self.avail.to(E_c.dtype)) > 0                    # [..., K, 2]
-        sem = self.semantic_expert(E_c, self.project("sem", mem_ids), visible & slot_avail[..., 1], E_c)
-        aux = w[..., 1] * sem                                                               # [..., C]
-        if self.has_visual:
-            vis = self.visual_expert(rows(tables["vis"]), self.project("vis", mem_ids),
-                                     visible & slot_avail[..., 0], E_c)
-            aux = aux + w[..., 0] * vis
+        w = rows(tables["route"])                                                           # [..., C, M]
+        slot_avail = F.embedding(mem_ids, self.avail.to(E_c.dtype)) > 0                    # [..., K, M]
+        aux = torch.zeros_like(w[..., 0])
+        for i, m in enumerate(self.modalities):
+            if not self.covered[m]:           # no item has it: its router weight is 0 everywhere
+                continue
+            query = E_c if QUERY[m] == "item" else rows(tables[m])
+            out = self.experts[m](query, self.project(m, mem_ids), visible & slot_avail[..., i], E_c)
+            aux = aux + w[..., i] * out
         return aux, w
 
     # ------------------------------------------------------------------ scoring
@@ -132,7 +164,7 @@ class FedDMMR(nn.Module):
         base = score_items(self.sasrec.item_emb.weight, h, cands)                            # <LN(seq), E_c>
         if not self.multimodal:
             return base
-        aux, _ = self._enhance(tables or self._tables(), cands, mem_ids, visible)
+        aux, _ = self._enhance(tables or self.tables(), cands, mem_ids, visible)
         return base + self.gating_weight * aux
 
     def score_all(self, h: torch.Tensor, mem_ids: torch.Tensor | None = None, visible: torch.Tensor | None = None,
@@ -141,7 +173,7 @@ class FedDMMR(nn.Module):
         base = h @ self.sasrec.item_emb.weight[1:].T                                        # [B, I]
         if not self.multimodal:
             return base
-        tables = self._tables()
+        tables = self.tables()
         aux = torch.cat([self._enhance(tables, None, mem_ids[lo: lo + chunk], visible[lo: lo + chunk])[0]
                          for lo in range(0, len(h), chunk)])                                 # [B, I]
         return base + self.gating_weight * aux
@@ -154,14 +186,14 @@ class FedDMMR(nn.Module):
         target, mem_ids / mem_pos [K] the client's memory slots and the sequence index of their items.
         A slot is visible to a target only if its item came strictly earlier (no look-ahead).
         ``align=False`` skips the contrastive cosines (scoring only).
-        Returns logits [b, L, C] and aux: router weights of the positive [b, L, 2] and the cosine of
-        each modality's projected positive feature with every candidate embedding [b, L, C, 2].
+        Returns logits [b, L, C] and aux: router weights of the positive [b, L, M] and the cosine of
+        each modality's projected positive feature with every candidate embedding [b, L, C, M].
         """
         h = self.encode(seq)                                                                  # [b, L, d]
         base = score_items(self.sasrec.item_emb.weight, h, cands)                             # [b, L, C]
         if not self.multimodal:
             return base, {}
-        tables = self._tables()
+        tables = self.tables()
         visible = (mem_ids > 0) & (mem_pos < target_pos.unsqueeze(-1))                       # [b, L, K]
         aux, w = self._enhance(tables, cands, mem_ids, visible)
         if not align:
@@ -169,5 +201,19 @@ class FedDMMR(nn.Module):
         E_c = F.normalize(F.embedding(cands, self.sasrec.item_emb.weight), dim=-1)            # [b, L, C, d]
         pos = cands[..., 0]                                                                   # [b, L]
         cosines = [(E_c @ F.normalize(self.project(m, pos), dim=-1).unsqueeze(-1)).squeeze(-1)
-                   if m == "sem" or self.has_visual else torch.zeros_like(base) for m in ("vis", "sem")]  # 2 x [b, L, C]
+                   if self.covered[m] else torch.zeros_like(base) for m in self.modalities]  # M x [b, L, C]
         return base + self.gating_weight * aux, {"router": w[..., 0, :], "align": torch.stack(cosines, -1)}
+
+    @torch.no_grad()
+    def router_stats(self) -> dict[str, float]:
+        """Mean router weight of each modality over the items that have any, and over those that have all;
+        and the residual gate."""
+        if not self.multimodal:
+            return {}
+        w = self.tables()["route"]                        # [I+1, M]
+        has, every = self.avail.any(-1), self.avail.all(-1)
+        out = {"gating_weight": float(self.gating_weight)}
+        out.update({f"router.w_{m}": float(w[has, i].mean()) for i, m in enumerate(self.modalities)})
+        if every.any() and len(self.modalities) > 1:
+            out.update({f"router.w_{m}_all": float(w[every, i].mean()) for i, m in enumerate(self.modalities)})
+        return out

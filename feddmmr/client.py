@@ -1,13 +1,16 @@
-"""Federated simulation: every user is a client that trains on its own windows; FedAvg aggregates.
+"""The client side of federated training: every user is a client that trains on its own windows.
 
-Two executors produce the same aggregated model for the same seed:
-- ``sequential``: the reference, one client at a time with an ``nn.Module`` copy and ``torch.optim.Adam``;
+A round's selected clients each start from the global weights, train locally and hand their update
+and weight (the number of training targets) to the server's aggregator (``server.FedAvg``); the
+server never sees a client's interactions. Two executors produce the same aggregate for the same seed:
+- ``sequential``: the reference, one client at a time with ``torch.optim``;
 - ``vectorized``: the clients of a round are stacked along a leading dimension and trained together with
-  ``torch.func.vmap(grad(...))`` and a batched Adam; clients are sorted by their number of local steps
-  so that the clients still training at step s are a prefix of the stack (no wasted compute).
+  ``torch.func.vmap(grad(...))`` and a batched optimizer step; clients are sorted by their number of
+  local steps so that the clients still training at step s are a prefix of the stack (no wasted compute).
 
 Each client draws its batch order and training negatives from its own generator, seeded from
-(seed, round, user), so the two executors see identical samples.
+(seed, round, user), so the two executors see identical samples. The loss is the model's
+(``model.loss.batch_loss``); this module knows nothing of its terms.
 """
 from __future__ import annotations
 
@@ -15,16 +18,44 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from .config import TrainParams
-from .data import Prepared, train_windows
+from .data import Prepared, left_pad
+from .errors import FeddmmrError
 from .memory import MemoryBank
+from .model.loss import batch_loss
+from .server import FedAvg
 
+CLIENT_OPTIMIZERS = ("sgd", "adam")   # the local optimizer, fresh every round
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+
+
+def train_windows(data: Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cut each user's training sequence into windows of ``max_seq_len`` next-item targets.
+
+    Training sequence t = s[:-2]; inputs t[:-1], targets t[1:], cut from the most recent end so
+    every training target appears exactly once. Returns inputs [W, L], targets [W, L] (0 = no
+    target), the index of each target in the user's sequence [W, L] (0 where no target) and the
+    user of each window [W], grouped by user.
+    """
+    L = data.max_seq_len
+    xs, ys, ps, owners = [], [], [], []
+    for u in range(data.num_users):
+        t = data.sequence(u)[:-2]
+        x, y = t[:-1], t[1:]
+        idx = np.arange(1, len(t), dtype=np.int64)
+        for end in range(len(x), 0, -L):
+            start = max(0, end - L)
+            xs.append(left_pad(x[start:end], L))
+            ys.append(left_pad(y[start:end], L))
+            ps.append(left_pad(idx[start:end], L))
+            owners.append(u)
+    if not xs:
+        raise FeddmmrError("no training targets: every user needs at least 4 interactions")
+    return np.stack(xs), np.stack(ys), np.stack(ps), np.asarray(owners, dtype=np.int64)
 
 
 @dataclass
@@ -69,46 +100,6 @@ class ClientPool:
                 pick = (torch.rand(*y.shape, tp.num_negatives, generator=gen) * len(unseen)).long()
                 batches.append(LocalBatch(x, y, self.win_pos[idx], unseen[pick], epoch == tp.local_epochs - 1))
         return batches
-
-
-def batch_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-               pos: torch.Tensor, neg: torch.Tensor, mem_ids: torch.Tensor, mem_pos: torch.Tensor,
-               tp: TrainParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of one client's batch and the surprise of each target position [b, L] (detached).
-
-    rec:   sampled softmax (ce) or BPR over the positive and N negatives, mean over real targets;
-    align: drift-adaptive contrastive loss (multimodal stages): for each modality the positive's
-           projected feature must pick the positive's embedding among the candidates' (InfoNCE,
-           temperature tau), each target weighted by 1 + alpha * surprise, so targets the sequence
-           model fails on (interest drift) pull the modalities hardest;
-    lb:    load balance, sum_e (mean router weight_e - 1/2)^2 over targets that have both modalities.
-    surprise = 1 - p(positive) under the batch's candidates.
-    """
-    cands = torch.cat([y.unsqueeze(-1), neg], dim=-1)                         # [b, L, 1+N], positive first
-    logits, extra = functional_call(model, params, (x, cands, pos, mem_ids, mem_pos))
-    mask = (y > 0).to(logits.dtype)
-    if tp.loss == "ce":
-        per_pos = torch.logsumexp(logits, -1) - logits[..., 0]
-    elif tp.loss == "bpr":
-        per_pos = F.softplus(logits[..., 1:] - logits[..., :1]).mean(-1)
-    else:
-        raise ValueError(f"unknown loss {tp.loss!r} (ce | bpr)")
-    total = (per_pos * mask).sum() / mask.sum().clamp(min=1.0)
-    surprise = 1.0 - torch.softmax(logits.detach(), -1)[..., 0]               # [b, L]
-    if extra:
-        avail = F.embedding(y, model.avail.to(logits.dtype)) * mask.unsqueeze(-1)  # [b, L, 2] positive has modality
-        cw = getattr(tp, "contrastive_weight", 0.0)
-        if cw:
-            a = extra["align"] / tp.contrastive_temperature                    # [b, L, C, 2]
-            nce = torch.logsumexp(a, -2) - a[..., 0, :]                         # [b, L, 2]
-            w = (1.0 + tp.surprise_alpha * surprise).unsqueeze(-1)              # [b, L, 1]
-            total = total + cw * ((w * nce * avail).sum((0, 1)) / avail.sum((0, 1)).clamp(min=1.0)).sum()
-        lbw = getattr(tp, "load_balance_weight", 0.0)
-        if lbw:
-            both = avail[..., 0] * avail[..., 1]                                # [b, L]
-            usage = (extra["router"] * both.unsqueeze(-1)).sum((0, 1)) / both.sum().clamp(min=1.0)
-            total = total + lbw * ((usage - 0.5) ** 2).sum() * (both.sum() > 0)
-    return total, surprise
 
 
 def _step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, t: int,
@@ -156,17 +147,6 @@ class RoundResult:
     mean_surprise: float = 0.0      # mean surprise of the last local epoch's targets
 
 
-def _average(acc: dict[str, torch.Tensor], total_w: float, global_params: dict[str, torch.Tensor],
-             names: list[str]) -> dict[str, torch.Tensor]:
-    """FedAvg result: global + weighted mean of the clients' updates (``acc`` sums w_i * (p_i - global)).
-
-    Averaging updates rather than weights keeps an untouched tensor exactly equal to the global one
-    (a weighted mean of equal weights is off by rounding, which a server Adam would turn into a full
-    step); frozen tensors are returned bit-identical.
-    """
-    return {k: v + acc[k] / total_w if k in names else v.clone() for k, v in global_params.items()}
-
-
 def _split_params(model: nn.Module, trainable: set[str] | None):
     params = {k: v.detach() for k, v in model.named_parameters()}
     names = [k for k in params if trainable is None or k in trainable]
@@ -207,8 +187,8 @@ def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPoo
     """Reference executor: one client at a time, nn.Module copy + torch.optim, then FedAvg."""
     global_params, names = _split_params(model, trainable)
     device = next(iter(global_params.values())).device
-    acc = {k: torch.zeros_like(global_params[k]) for k in names}
-    total_w, loss_sum, steps = 0.0, 0.0, 0
+    agg = FedAvg(global_params, names)
+    loss_sum, steps = 0.0, 0
     obs = _Observations()
     for u in clients:
         mem_ids, mem_pos = (t[0] for t in _memory_slots(memory, [u], device))
@@ -226,12 +206,10 @@ def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPoo
                 obs.add(u, b.y, b.pos, surprise)
             steps += 1
         w = float(pool.num_targets[u])
-        for k in names:
-            acc[k].add_(local[k].detach() - global_params[k], alpha=w)
-        total_w += w
+        agg.add(local, w)
         loss_sum += w * float(np.mean(losses))
     writes, s_sum, n = obs.flush(memory)
-    return RoundResult(_average(acc, total_w, global_params, names), loss_sum / total_w, len(clients), steps,
+    return RoundResult(agg.result(), loss_sum / agg.total_w, len(clients), steps,
                        writes, s_sum / max(n, 1))
 
 
@@ -247,8 +225,8 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
         return loss, (loss.detach(), surprise)
 
     grad_fn = vmap(grad(client_loss, has_aux=True), randomness="different")
-    acc = {k: torch.zeros_like(global_params[k]) for k in names}
-    total_w, loss_sum, steps = 0.0, 0.0, 0
+    agg = FedAvg(global_params, names)
+    loss_sum, steps = 0.0, 0
     obs = _Observations()
     for lo in range(0, len(clients), tp.clients_per_chunk):
         chunk = clients[lo: lo + tp.clients_per_chunk]
@@ -281,12 +259,10 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
                     _step_(P[k][:a], g[k], m1, v1, s + 1, tp, d1)
             steps += a
         w = pool.num_targets[torch.tensor(chunk)].to(device=device, dtype=torch.float32)
-        for k in names:
-            acc[k].add_(torch.tensordot(w, P[k] - global_params[k], dims=1))
-        total_w += float(w.sum())
+        agg.add_stacked(P, w)
         loss_sum += float((w * loss_tot / n_steps.to(device)).sum())
     writes, s_sum, n = obs.flush(memory)
-    return RoundResult(_average(acc, total_w, global_params, names), loss_sum / total_w, len(clients), steps,
+    return RoundResult(agg.result(), loss_sum / agg.total_w, len(clients), steps,
                        writes, s_sum / max(n, 1))
 
 
@@ -318,62 +294,3 @@ def warm_memories(model: nn.Module, pool: ClientPool, memory: MemoryBank, tp: Tr
 
 
 EXECUTORS = {"sequential": train_round_sequential, "vectorized": train_round_vectorized}
-
-
-def select_clients(num_users: int, fraction: float, rnd: int, seed: int) -> list[int]:
-    """Uniform sample without replacement of max(1, round(fraction * U)) clients, seeded per round."""
-    m = max(1, min(num_users, int(round(fraction * num_users))))
-    rng = np.random.default_rng([seed, rnd])
-    return sorted(rng.choice(num_users, size=m, replace=False).tolist())
-
-
-class ServerOptimizer:
-    """Server step on the FedAvg result, with Δ = avg − θ as the (negative) pseudo-gradient.
-
-    sgd:  buf ← momentum · buf + Δ;  θ ← θ + lr · buf   (lr 1, momentum 0: plain FedAvg, θ ← avg)
-    adam: FedAdam (Reddi et al., 2021): m ← β1 m + (1−β1) Δ;  v ← β2 v + (1−β2) Δ²;
-          θ ← θ + lr · m̂ / (√v̂ + ε) with bias correction.
-    Tensors whose Δ is exactly zero (frozen) are left bit-identical.
-    """
-
-    def __init__(self, kind: str = "sgd", lr: float = 1.0, momentum: float = 0.0, beta2: float = 0.999,
-                 eps: float = 1e-8):
-        if kind not in ("sgd", "adam"):
-            raise ValueError(f"server optimizer must be sgd or adam, got {kind!r}")
-        self.kind, self.lr, self.momentum, self.beta2, self.eps = kind, lr, momentum, beta2, eps
-        self.m: dict[str, torch.Tensor] = {}
-        self.v: dict[str, torch.Tensor] = {}
-        self.t = 0
-
-    def state_dict(self) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Step count and moments (first, second), for resuming."""
-        return self.t, {k: v.detach().cpu().clone() for k, v in self.m.items()}, \
-            {k: v.detach().cpu().clone() for k, v in self.v.items()}
-
-    def load_state_dict(self, t: int, m: dict[str, torch.Tensor], v: dict[str, torch.Tensor], device) -> None:
-        self.t = t
-        self.m = {k: x.to(device) for k, x in m.items()}
-        self.v = {k: x.to(device) for k, x in v.items()}
-
-    def step(self, current: dict[str, torch.Tensor], averaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.kind == "sgd" and self.lr == 1.0 and self.momentum == 0.0:
-            return averaged
-        self.t += 1
-        out = {}
-        for k, theta in current.items():
-            delta = averaged[k] - theta
-            if not delta.any() and k not in self.m:
-                out[k] = averaged[k]
-                continue
-            if self.kind == "sgd":
-                m = self.m.get(k)
-                self.m[k] = m = delta.clone() if m is None else m.mul_(self.momentum).add_(delta)
-                out[k] = theta + self.lr * m
-                continue
-            b1 = self.momentum
-            m = self.m.setdefault(k, torch.zeros_like(delta)).mul_(b1).add_(delta, alpha=1 - b1)
-            v = self.v.setdefault(k, torch.zeros_like(delta)).mul_(self.beta2).addcmul_(delta, delta, value=1 - self.beta2)
-            m_hat = m / (1 - b1 ** self.t)
-            v_hat = v / (1 - self.beta2 ** self.t)
-            out[k] = theta + self.lr * m_hat / (v_hat.sqrt() + self.eps)
-        return out

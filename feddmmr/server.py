@@ -1,0 +1,120 @@
+"""The server side of federated training: client sampling, FedAvg aggregation and the server optimizer.
+
+The server sees only what clients send back: their update of the trainable tensors and their
+weight (number of training targets). It knows nothing of the model beyond tensor names.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def select_clients(num_users: int, fraction: float, rnd: int, seed: int) -> list[int]:
+    """Uniform sample without replacement of max(1, round(fraction * U)) clients, seeded per round."""
+    m = max(1, min(num_users, int(round(fraction * num_users))))
+    rng = np.random.default_rng([seed, rnd])
+    return sorted(rng.choice(num_users, size=m, replace=False).tolist())
+
+
+class FedAvg:
+    """Weighted mean of the clients' updates: global + sum_i w_i (p_i - global) / sum_i w_i.
+
+    Averaging updates rather than weights keeps an untouched tensor exactly equal to the global one
+    (a weighted mean of equal weights is off by rounding, which a server Adam would turn into a full
+    step); tensors outside ``names`` (frozen) are returned bit-identical.
+    """
+
+    def __init__(self, global_params: dict[str, torch.Tensor], names: list[str]):
+        self.global_params, self.names = global_params, names
+        self.acc = {k: torch.zeros_like(global_params[k]) for k in names}
+        self.total_w = 0.0
+
+    def add(self, local: dict[str, torch.Tensor], weight: float) -> None:
+        """One client's trained weights."""
+        for k in self.names:
+            self.acc[k].add_(local[k].detach() - self.global_params[k], alpha=weight)
+        self.total_w += weight
+
+    def add_stacked(self, local: dict[str, torch.Tensor], weights: torch.Tensor) -> None:
+        """Several clients' trained weights stacked along dim 0 [a, ...], with weights [a]."""
+        for k in self.names:
+            self.acc[k].add_(torch.tensordot(weights, local[k] - self.global_params[k], dims=1))
+        self.total_w += float(weights.sum())
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {k: v + self.acc[k] / self.total_w if k in self.names else v.clone()
+                for k, v in self.global_params.items()}
+
+
+class ServerOptimizer:
+    """A step on the FedAvg result with delta = avg - theta as the (negative) pseudo-gradient.
+
+    Tensors whose delta is exactly zero and that have no optimizer state yet (frozen) stay bit-identical.
+    """
+
+    def __init__(self, lr: float, momentum: float):
+        self.lr, self.momentum = lr, momentum
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+        self.t = 0
+
+    def identity(self) -> bool:
+        return False
+
+    def update(self, k: str, theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, current: dict[str, torch.Tensor], averaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.identity():
+            return averaged
+        self.t += 1
+        out = {}
+        for k, theta in current.items():
+            delta = averaged[k] - theta
+            if not delta.any() and k not in self.m:
+                out[k] = averaged[k]
+                continue
+            out[k] = self.update(k, theta, delta)
+        return out
+
+    def state_dict(self) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Step count and moments (first, second), for resuming."""
+        return self.t, {k: v.detach().cpu().clone() for k, v in self.m.items()}, \
+            {k: v.detach().cpu().clone() for k, v in self.v.items()}
+
+    def load_state_dict(self, t: int, m: dict[str, torch.Tensor], v: dict[str, torch.Tensor], device) -> None:
+        self.t = t
+        self.m = {k: x.to(device) for k, x in m.items()}
+        self.v = {k: x.to(device) for k, x in v.items()}
+
+
+class FedAvgM(ServerOptimizer):
+    """sgd: buf <- momentum * buf + delta;  theta <- theta + lr * buf  (lr 1, momentum 0: plain FedAvg)."""
+
+    def identity(self) -> bool:
+        return self.lr == 1.0 and self.momentum == 0.0
+
+    def update(self, k, theta, delta):
+        m = self.m.get(k)
+        self.m[k] = m = delta.clone() if m is None else m.mul_(self.momentum).add_(delta)
+        return theta + self.lr * m
+
+
+class FedAdam(ServerOptimizer):
+    """adam: FedAdam (Reddi et al., 2021) with beta1 = momentum: m <- b1 m + (1-b1) delta;
+    v <- b2 v + (1-b2) delta^2;  theta <- theta + lr * m_hat / (sqrt(v_hat) + eps), bias-corrected."""
+
+    def __init__(self, lr: float, momentum: float, beta2: float = 0.999, eps: float = 1e-8):
+        super().__init__(lr, momentum)
+        self.beta2, self.eps = beta2, eps
+
+    def update(self, k, theta, delta):
+        b1 = self.momentum
+        m = self.m.setdefault(k, torch.zeros_like(delta)).mul_(b1).add_(delta, alpha=1 - b1)
+        v = self.v.setdefault(k, torch.zeros_like(delta)).mul_(self.beta2).addcmul_(delta, delta, value=1 - self.beta2)
+        m_hat = m / (1 - b1 ** self.t)
+        v_hat = v / (1 - self.beta2 ** self.t)
+        return theta + self.lr * m_hat / (v_hat.sqrt() + self.eps)
+
+
+SERVER_OPTIMIZERS = {"sgd": FedAvgM, "adam": FedAdam}   # params: <stage>.server_optimizer
