@@ -20,11 +20,14 @@ import torch
 
 from feddmmr.config import load_params
 from feddmmr.data import load_prepared, prepare
-from feddmmr.federated import ClientPool, select_clients, train_round_sequential, train_round_vectorized, warm_memories
+from feddmmr.client import ClientPool, train_round_sequential, train_round_vectorized, warm_memories
 from feddmmr.memory import MemoryBank
 from feddmmr.metrics import Evaluator
 from feddmmr.model import group_of
-from feddmmr.stages import STAGE_SPECS, STAGES, _memory, build_model, load_stage_features
+from feddmmr.features import extract, load_modalities
+from feddmmr.modalities import NAMES
+from feddmmr.server import select_clients
+from feddmmr.stages import STAGE_SPECS, STAGES, build_memory, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,23 +64,21 @@ def main() -> None:
     spec = STAGE_SPECS[args.stage]
     memory: MemoryBank | None = None
     if spec.multimodal:
-        from feddmmr.features import extract_text, extract_visual
         t0 = time.perf_counter()
-        extract_text(params.prepare, params.features_text, tmp / "prepared", tmp / "features" / "text", progress=False)
-        extract_visual(params.features_visual, tmp / "prepared", tmp / "features" / "visual", progress=False)
-        feats = load_stage_features(tmp / "features", data)
-        print(f"features: text {feats['text']['coverage']:.1%}, visual {feats['visual']['coverage']:.1%} "
-              f"({time.perf_counter() - t0:.1f} s)")
-        model = build_model(params, data, True, feats["text"]["dim"], feats["visual"]["dim"])
-        model.set_features(feats["visual"]["features"], feats["visual"]["mask"], feats["text"]["features"],
-                           feats["text"]["mask"])
-        memory = _memory(params, data, feats)
+        for m in NAMES:
+            extract(m, params, tmp / "prepared", tmp / "features" / m, progress=False)
+        feats = load_modalities(tmp / "features", data)
+        print("features: " + ", ".join(f"{m} {f.coverage:.1%}" for m, f in feats.items()) +
+              f" ({time.perf_counter() - t0:.1f} s)")
+        model = build_model(params, data, {m: f.dim for m, f in feats.items()})
+        model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
+        memory = build_memory(params, data, feats)
         t0 = time.perf_counter()
         writes = warm_memories(model, pool, memory, tp)
         print(f"memory warm-up of {data.num_users} clients: {time.perf_counter() - t0:.2f} s, {writes} long-term writes")
     else:
         model = build_model(params, data)
-    trainable = {k for k, _ in model.named_parameters() if group_of(k) in spec.trains}
+    trainable = {k for k, _ in model.named_parameters() if group_of(k) not in tp.freeze}
     print(f"stage {args.stage}: {sum(p.numel() for k, p in model.named_parameters() if k in trainable):,} "
           f"trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
     clients = select_clients(data.num_users, min(1.0, args.clients / data.num_users), 1, tp.seed)  # as in a round

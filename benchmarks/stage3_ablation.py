@@ -1,8 +1,15 @@
 """Ablation: how much of finetune_moe's gain over pretrain_sasrec comes from the multimodal memory term?
 
 Runs finetune_moe again from the align_projectors checkpoint of a project where `dvc repro` has run,
-with the gate set to 0 and only the backbone training: the scores are then the backbone's alone,
-on the same schedule, data and client sampling. Compare its metrics with metrics/finetune_moe.json.
+with the gate started at 0 and frozen, and only the backbone training: the scores are then the
+backbone's alone, on the same schedule, data and client sampling. It is a params change, so the same
+run is a DVC experiment:
+
+    dvc exp run -S 'finetune_moe.freeze=[item_embeddings,projections,gate,experts,router]' \
+                -S finetune_moe.gate_start=0.0
+
+This script runs it beside the project's outputs (nothing of the project is overwritten) and prints
+the comparison with metrics/finetune_moe.json.
 
     python benchmarks/stage3_ablation.py --project /path/to/project [--out /tmp/stage3-ablation]
 """
@@ -12,15 +19,16 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from feddmmr import stages
 from feddmmr.config import load_params
-from feddmmr.io import load_tensors, save_tensors
+from feddmmr.stages import train_stage
+
+ABLATION = ["finetune_moe.freeze=[item_embeddings,projections,gate,experts,router]", "finetune_moe.gate_start=0.0",
+            "tracking.enabled=false"]
 
 
 def main() -> None:
@@ -32,17 +40,9 @@ def main() -> None:
     print(f"machine: {platform.machine()} cores={os.cpu_count()} torch={torch.__version__} python={platform.python_version()}")
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     os.chdir(project)
-    shutil.rmtree(out, ignore_errors=True)
-    init = out / "align_gate0"
-    shutil.copytree("checkpoints/align_projectors", init)
-    state = load_tensors(init / "model.safetensors", "align_projectors weights", "run `dvc repro` first")
-    state["gating_weight"] = torch.zeros(())
-    save_tensors(init / "model.safetensors", state)
-    stages.STAGE_SPECS["finetune_moe"] = stages.StageSpec(True, frozenset({"backbone"}), ("align_projectors",))
-    params = load_params("params.yaml")
-    params.tracking.enabled = False
-    m = stages.train_stage("finetune_moe", params, "data/prepared", out / "finetune_moe_gate0", out / "metrics.json",
-                           progress=False, features_dir="features", init_dir=init)
+    params = load_params("params.yaml", ABLATION)
+    m = train_stage("finetune_moe", params, "data/prepared", out / "finetune_moe_gate0", out / "metrics.json",
+                    progress=False, features_dir="features", init_dir="checkpoints/align_projectors")
     full = json.loads(Path("metrics/finetune_moe.json").read_text())
     print(f"{'finetune_moe':24s} {'best':>5s} {'val full NDCG@10':>17s} {'test full HR@10':>16s} "
           f"{'test full NDCG@10':>18s} {'test sampled HR@10':>19s}")
