@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-round log lines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    _prepare_parser(sub)
+    _features_parser(sub)
+    _train_parser(sub)
+    _evaluate_parser(sub)
+    _compare_parser(sub)
+    _make_demo_parser(sub)
+    return parser
+
+
+def _prepare_parser(sub) -> None:
     p = sub.add_parser("prepare", help="ingest and split interaction data",
                        description="Read the interaction data named by the `prepare` params section (source: ml-1m | "
                                    "ml-100k | csv; path: folder, zip or file), keep the top-K most active users, map "
@@ -47,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(p)
     p.add_argument("--out", default="data/prepared", help="output directory (default: data/prepared)")
 
+
+def _features_parser(sub) -> None:
     p = sub.add_parser("features", help="extract item text or poster features",
                        description="Embed every prepared item with a text model (features_text section) or a CLIP "
                                    "image model (features_visual section). Writes features.safetensors (rows indexed "
@@ -57,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/prepared", help="prepared data directory (default: data/prepared)")
     p.add_argument("--out", help="output directory (default: features/<modality>)")
 
+
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="federated training of one stage",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="""Train a stage federatedly on prepared data: each user is a client, a client_fraction
@@ -92,6 +106,8 @@ Stages 2-3 need the feature files (`feddmmr features text|visual`) and keep a me
                    help="discard the saved state of an interrupted run of this stage and start from round 0 "
                         "(by default a killed stage resumes from its last completed round)")
 
+
+def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a stage checkpoint",
                        description="Load a checkpoint directory (model.safetensors + config.json, and for "
                                    "stages 2-3 memory.safetensors plus the feature files) and print HR/NDCG@k and MRR "
@@ -103,19 +119,22 @@ Stages 2-3 need the feature files (`feddmmr features text|visual`) and keep a me
                    help="feature folder of a multimodal checkpoint (default: features)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="split to evaluate (default: test)")
 
+
+def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="stage metrics side by side (MLflow)",
                        description="Print the best-validation and test metrics of every stage of a pipeline run, "
                                    "read from the MLflow store (MLFLOW_TRACKING_URI, default sqlite:///mlruns.db).")
     p.add_argument("--pipeline", help="pipeline key (tag feddmmr.pipeline_key; default: the latest pipeline run)")
     p.add_argument("--protocol", default="full", choices=["full", "sampled"], help="evaluation protocol (default: full)")
 
+
+def _make_demo_parser(sub) -> None:
     p = sub.add_parser("make-demo", help="write the synthetic demo dataset",
                        description="Write the deterministic synthetic interaction CSV used as the embedded default.")
     p.add_argument("--out", default="data/demo/interactions.csv", help="output CSV (default: data/demo/interactions.csv)")
     p.add_argument("--users", type=int, default=300)
     p.add_argument("--items", type=int, default=400)
     p.add_argument("--seed", type=int, default=7)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

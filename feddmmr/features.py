@@ -208,6 +208,17 @@ def load_clip(model_name: str, pretrained: str, device: str):
     return model.eval(), preprocess
 
 
+def _poster_files(folder: Path) -> dict[int, Path]:
+    """Raw item id -> poster file (<item_id>.jpg|jpeg|png|webp) in ``folder``."""
+    if not folder.is_dir():
+        raise FeddmmrError(f"poster folder not found: {folder}; set features_visual.images to a folder of <item_id>.jpg|png")
+    found: dict[int, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") and f.stem.isdigit():
+            found.setdefault(int(f.stem), f)
+    return found
+
+
 def extract_visual(vp: VisualFeatureParams, data_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
     from PIL import Image, UnidentifiedImageError
 
@@ -225,12 +236,7 @@ def extract_visual(vp: VisualFeatureParams, data_dir: str | Path, out_dir: str |
         _write_features(out_dir, feats, mask, report)
         return report
     folder = Path(vp.images)
-    if not folder.is_dir():
-        raise FeddmmrError(f"poster folder not found: {folder}; set features_visual.images to a folder of <item_id>.jpg|png")
-    found: dict[int, Path] = {}
-    for f in sorted(folder.iterdir()):
-        if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") and f.stem.isdigit():
-            found.setdefault(int(f.stem), f)
+    found = _poster_files(folder)
     device = str(resolve_device(vp.device, "features_visual"))
     model, preprocess = load_clip(vp.model, vp.pretrained, device)
     rows, paths = [], []
