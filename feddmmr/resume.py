@@ -90,11 +90,14 @@ class ResumeState:
         tensors = {f"{part}:{k}": v for part, d in parts.items() if d for k, v in d.items()}
         with atomic_dir(self.dir, durable=True) as tmp:
             save_tensors(tmp / "state.safetensors", tensors)
-            write_json(tmp / "state.json", {"fingerprint": self.fingerprint, **progress.__dict__})
+            self._write_meta(tmp, progress)
 
     def save_progress(self, progress: Progress) -> None:
         """Rewrite the bookkeeping only (the tensors are unchanged)."""
-        write_json(self.dir / "state.json", {"fingerprint": self.fingerprint, **progress.__dict__})
+        self._write_meta(self.dir, progress)
+
+    def _write_meta(self, folder: Path, progress: Progress) -> None:
+        write_json(folder / "state.json", {"fingerprint": self.fingerprint, **progress.__dict__})
 
     def load(self) -> tuple[Progress, dict[str, dict[str, torch.Tensor]]] | None:
         """The saved state, or None when there is none or it belongs to another run (then it is discarded)."""

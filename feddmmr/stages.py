@@ -204,7 +204,6 @@ class Setup:
     trainable: set[str]
     report: dict | None        # load report (stages 2-3)
     config: dict               # written as config.json
-    device: torch.device
 
 
 def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
@@ -300,7 +299,8 @@ def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, da
     if spec.multimodal:
         model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
         memory = build_memory(params, data, feats)
-        _continue_memories(stage, memory, init_dir)
+        if saved is None:      # on resume the saved round's memories replace them
+            _continue_memories(stage, memory, init_dir)
     server = SERVER_OPTIMIZERS[tp.server_optimizer](tp.server_lr, tp.server_momentum)
     if saved is not None:
         _restore(model, memory, server, *saved, device)
@@ -314,7 +314,7 @@ def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, da
     config = _checkpoint_config(stage, spec, params, tp, data, data_dir, model, report, feature_sha)
     trainable = {k for k, _ in model.named_parameters() if group_of(k) not in tp.freeze}
     return Setup(stage, spec, tp, data, model, memory, pool, Evaluator(data, params.evaluation.ks,
-                 params.evaluation.batch_size), server, trainable, report, config, device)
+                 params.evaluation.batch_size), server, trainable, report, config)
 
 
 def _continue_memories(stage: str, memory: MemoryBank, init_dir: Path | None) -> None:
@@ -371,9 +371,9 @@ def _snapshot(setup: Setup) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
             setup.memory.state_dict() if setup.memory else None)
 
 
-def _save_round(setup: Setup, state: Progress, best: tuple, resume: ResumeState) -> None:
+def _save_round(setup: Setup, state: Progress, best: tuple, resume: ResumeState, tracker: StageRun) -> None:
     t, m, v = setup.server.state_dict()
-    state.server_t = t
+    state.server_t, state.tracked_round = t, tracker.tracked_round
     model, memory = _snapshot(setup)
     resume.save(state, {"model": model, "memory": memory, "best": best[0], "best_memory": best[1],
                         "server_m": m, "server_v": v, "rng": rng_state()})
@@ -392,8 +392,7 @@ def _fit(setup: Setup, state: Progress, parts: dict | None, resume: ResumeState,
         state.best_score = pick(val0, tp.selection_metric)
         best = _snapshot(setup)
         tracker.sync(record, 0)
-        state.tracked_round = tracker.tracked_round
-        _save_round(setup, state, best, resume)
+        _save_round(setup, state, best, resume, tracker)
     else:
         best = (parts["best"], parts.get("best_memory"))
         log.info("%s: resuming after round %d (best round so far %d) from %s", stage, state.round,
@@ -413,9 +412,8 @@ def _fit(setup: Setup, state: Progress, parts: dict | None, resume: ResumeState,
                 break
             state.round = rnd
             tracker.sync(record, rnd)
-            state.tracked_round = tracker.tracked_round
             state.stopped = rnd - state.improved_round >= tp.patience or rnd == tp.rounds
-            _save_round(setup, state, best, resume)
+            _save_round(setup, state, best, resume, tracker)
             bar.set_postfix(loss=f"{state.history['train_loss'][-1]:.3f}", best=state.best_round,
                             **{tp.selection_metric: f"{pick(state.history['val'][-1], tp.selection_metric):.4f}"})
             if state.stopped and rnd < tp.rounds:
@@ -486,14 +484,14 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
         if setup.report:
             write_json(tmp / "load_report.json", setup.report)
     write_json(metrics_path, metrics)
-    diff = stage_diff(init_dir, out_dir) if init_dir is not None else None
-    final = {"best_round": state.best_round, **_round_metrics(test, "test"), **_round_metrics(metrics["val"], "best_val")}
     record = lambda i: _round_record(history, i, memory is not None)  # noqa: E731
     if state.diverged:
         tracker.sync(record, state.round)
         tracker.fail("FAILED")
         raise DivergedError(f"{state.diverged}. The best finite round ({state.best_round}) is written to {out_dir} "
                             f"and {metrics_path}, marked diverged")
+    diff = stage_diff(init_dir, out_dir) if init_dir is not None else None
+    final = {"best_round": state.best_round, **_round_metrics(test, "test"), **_round_metrics(metrics["val"], "best_val")}
     try:
         tracker.finish(record, state.round, final, [Path(out_dir) / a for a in artifacts] + [Path(metrics_path)],
                        Path(out_dir), param_diff=diff)

@@ -32,16 +32,22 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def _health(uri: str, timeout: float) -> str | None:
+    """None when the server at ``uri`` answers /health with 200, else what went wrong."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            return None if resp.status == 200 else f"answered HTTP {resp.status} on /health"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"is unreachable ({getattr(exc, 'reason', exc)})"
+
+
 def check_store(uri: str) -> None:
     """Fail fast, naming the URI and the fix, when the tracking store cannot be used."""
     fix = "start the server (see README: MLflow) or unset MLFLOW_TRACKING_URI to use sqlite:///mlruns.db"
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
-                if resp.status != 200:
-                    raise FeddmmrError(f"MLflow tracking server {uri} answered HTTP {resp.status} on /health; {fix}")
-        except (urllib.error.URLError, OSError) as exc:
-            raise FeddmmrError(f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); {fix}") from None
+        problem = _health(uri, timeout=5)
+        if problem:
+            raise FeddmmrError(f"MLflow tracking server {uri} {problem}; {fix}")
     elif uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         parent = db.parent if str(db.parent) else Path(".")
@@ -218,13 +224,7 @@ class StageRun:
             return False
 
     def _answers(self) -> bool:
-        if not self.uri.startswith(("http://", "https://")):
-            return True
-        try:
-            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return not self.uri.startswith(("http://", "https://")) or _health(self.uri, timeout=2) is None
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

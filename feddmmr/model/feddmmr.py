@@ -125,15 +125,17 @@ class FedDMMR(nn.Module):
         t = {"route": self.router(E, self.avail)}                                           # [I+1, M]
         for m in self.modalities:
             if QUERY[m] == "feature" and self.covered[m]:                                   # feature queries
-                t[m] = self.project(m, slice(None))                                         # [I+1, d]
+                t[m] = self.project(m)                                                      # [I+1, d]
         return t
 
-    def project(self, modality: str, items) -> torch.Tensor:
-        """Projected features of items [...] (or a slice of all rows) -> [..., d]; zero where an item lacks it."""
+    def project(self, modality: str, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected features of items [...] -> [..., d] (None: every row, [I+1, d]); zero where an item lacks it."""
         i = self.modalities.index(modality)
         table = getattr(self, f"features_{modality}")
-        rows = table[items] if isinstance(items, slice) else F.embedding(items, table)
-        have = self.avail[items] if isinstance(items, slice) else F.embedding(items, self.avail.to(rows.dtype))
+        if items is None:
+            rows, have = table, self.avail
+        else:
+            rows, have = F.embedding(items, table), F.embedding(items, self.avail.to(table.dtype))
         return self.projections[modality](rows) * have[..., i: i + 1].to(rows.dtype)
 
     def _enhance(self, tables: dict, cands: torch.Tensor | None, mem_ids: torch.Tensor, visible: torch.Tensor):
