@@ -120,8 +120,9 @@ def test_kill9_mid_stage_then_resume_is_bit_identical(chain, tiny_prepared, tmp_
     assert not (tmp_path / ".run.resume").exists()                             # a finished stage leaves no state
     run = client.get_run(state["tracking_run"])
     assert run.info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(run.info.run_id, "val.full.NDCG_at_10")}
-    assert steps == set(range(15))
+    entries = [m.step for m in client.get_metric_history(run.info.run_id, "val.full.NDCG_at_10")]
+    assert set(entries) == set(range(15))
+    assert len(entries) <= 16      # resume re-sends at most the round logged just before the kill
 
 
 def test_sigterm_marks_the_run_killed_and_kill9_leftovers_are_closed(chain, tiny_prepared, tmp_path):
