@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 
+from . import interrupts
 from .errors import FeddmmrError
 from .modalities import NAMES
 
@@ -183,14 +183,10 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (docker stop, a Prefect cancellation) ends the run like Ctrl-C
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupts.install()   # SIGTERM (docker stop, a Prefect cancellation) ends the run like Ctrl-C
     try:
         return run(args)
     except FeddmmrError as exc:

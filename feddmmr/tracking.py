@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FeddmmrError, TrackingIncomplete
+from .interrupts import shielded
 
 log = logging.getLogger("feddmmr")
 DEFAULT_URI = "sqlite:///mlruns.db"
@@ -128,7 +129,7 @@ class StageRun:
                            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
             os.environ.setdefault(key, value)
         try:
-            with _store_lock(self.uri):
+            with _store_lock(self.uri), shielded():
                 self._start(stage, params_flat, data_meta, output, resume_run)
         except FeddmmrError:
             raise
@@ -214,7 +215,8 @@ class StageRun:
     # ------------------------------------------------------------------ sending, fault-tolerant
     def _send(self, what: str, fn, *args) -> bool:
         try:
-            fn(*args)
+            with shielded():   # a signal waits for the write to end: an interrupted sqlite write locks the store
+                fn(*args)
             return True
         except Exception as exc:
             if self.down is None:
@@ -238,9 +240,10 @@ class StageRun:
             return
         while self.tracked_round < upto:
             step = self.tracked_round + 1
-            if not self._send(f"round {step}", self._log_metrics, record(step), step):
-                return
-            self.tracked_round = step
+            with shielded():   # a record the store holds is always counted as sent
+                if not self._send(f"round {step}", self._log_metrics, record(step), step):
+                    return
+                self.tracked_round = step
         if self.down is not None:
             log.warning("MLflow %s answers again; the missing rounds are recorded", self.uri)
             self.down = None

@@ -149,3 +149,32 @@ def test_later_stages_log_load_report_param_diff_and_router_curves(tiny_prepared
     assert client.get_metric_history(run["finetune_moe"].info.run_id, "router.w_visual")
     table = compare()
     assert all(s in table for s in ("pretrain_sasrec", "align_projectors", "finetune_moe"))
+
+
+def test_a_signal_during_a_store_write_waits_for_the_write(tmp_path, monkeypatch):
+    """SIGTERM/Ctrl-C inside an sqlite write could leave the store locked and the run RUNNING forever:
+    the write finishes first, then the interrupt ends the run, which is marked KILLED."""
+    from feddmmr import interrupts
+    from feddmmr.tracking import StageRun
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    interrupts.install()
+    try:
+        run = StageRun("pretrain_sasrec", {"a": 1}, {"source_sha256": {}}, output=tmp_path / "ck")
+        real = run.client.log_batch
+
+        def interrupted_write(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)   # the signal lands mid-write
+            time.sleep(0.05)
+            real(*args, **kwargs)
+
+        monkeypatch.setattr(run.client, "log_batch", interrupted_write)
+        with pytest.raises(KeyboardInterrupt):
+            run.sync(lambda step: {"loss": 1.5}, upto=0)
+        run.fail("KILLED")
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+    assert run.tracked_round == 0
+    assert [m.value for m in run.client.get_metric_history(run.run_id, "loss")] == [1.5]
+    assert run.client.get_run(run.run_id).info.status == "KILLED"
