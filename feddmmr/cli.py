@@ -22,6 +22,7 @@ Steps (each also a DVC stage in dvc.yaml):
   train     federated training of a stage: pretrain_sasrec -> align_projectors -> finetune_moe
   evaluate  evaluate a stage checkpoint (full ranking and 1+100 sampled negatives)
   compare   the stages' metrics side by side, from MLflow
+  recommend top-k items for a user, a file of users or a new user's history
   make-demo write the small synthetic dataset used as the embedded default
 """
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _evaluate_parser(sub)
     _compare_parser(sub)
+    _recommend_parser(sub)
     _make_demo_parser(sub)
     return parser
 
@@ -128,6 +130,38 @@ def _compare_parser(sub) -> None:
     p.add_argument("--protocol", default="full", choices=["full", "sampled"], help="evaluation protocol (default: full)")
 
 
+def _recommend_parser(sub) -> None:
+    p = sub.add_parser("recommend", help="top-k items for users or a new user's history",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="""Recommend the top-k items from a stage's model, by original user and item ids.
+
+A known user is scored from their whole history (and, for stages 2-3, their client memory); a new
+user is given as an item history, oldest first, and starts with an empty memory. Items the user
+already interacted with are excluded unless --include-known. Each row: original item id, title
+(where the dataset has item metadata), score.
+
+The model comes from a checkpoint (with its prepared data and, for stages 2-3, features) or from
+the MLflow model registry (--model models:/feddmmr@champion, store: MLFLOW_TRACKING_URI).
+
+Examples:
+  feddmmr recommend --user 10
+  feddmmr recommend --history 1193,661,914 -k 5 --checkpoint checkpoints/pretrain_sasrec
+  feddmmr recommend --users users.txt --out recs.csv --model models:/feddmmr@champion""")
+    _add_params(p)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", type=int, help="original id of a user of the prepared data")
+    who.add_argument("--users", metavar="FILE", help="users file: JSON list, or one user id per line")
+    who.add_argument("--history", metavar="ITEMS", help="a new user's original item ids, oldest first: 1193,661,914")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="stage checkpoint directory (default: checkpoints/finetune_moe)")
+    src.add_argument("--model", metavar="URI", help="an MLflow model instead, e.g. models:/feddmmr@champion")
+    p.add_argument("--data", default="data/prepared", help="prepared data of the checkpoint (default: data/prepared)")
+    p.add_argument("--features", default="features", help="feature folder of a stage 2-3 checkpoint (default: features)")
+    p.add_argument("-k", type=int, default=10, help="items per user (default: 10)")
+    p.add_argument("--include-known", action="store_true", help="let items the user already has be recommended")
+    p.add_argument("--out", metavar="FILE", help="write CSV, or JSON when FILE ends in .json (default: print)")
+
+
 def _make_demo_parser(sub) -> None:
     p = sub.add_parser("make-demo", help="write the synthetic demo dataset",
                        description="Write the deterministic synthetic interaction CSV used as the embedded default.")
@@ -145,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         frame = write_demo(args.out, num_users=args.users, num_items=args.items, seed=args.seed)
         print(f"wrote {args.out}: {len(frame)} interactions, {frame.user.nunique()} users, {frame.item.nunique()} items")
         return 0
+    if args.command == "recommend":
+        return _recommend(args)
     if args.command == "compare":
         from .tracking import compare
         print(compare(args.pipeline, args.protocol))
@@ -181,6 +217,39 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"checkpoint": str(args.checkpoint), "stage": config["stage"], "split": args.split, **result}, indent=2))
         return 0
     raise AssertionError(args.command)
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from .recommend import format_table, parse_history, read_users, write_recommendations
+    users = [args.user] if args.user is not None else read_users(args.users) if args.users else None
+    history = parse_history(args.history) if args.history else None
+    recommend, source = _recommender(args)
+    frame = recommend(users, history, args.k, args.include_known)
+    if args.out:
+        write_recommendations(frame, args.out)
+        print(f"wrote {args.out}: {frame['request'].nunique()} users, {len(frame)} recommendations ({source})")
+    elif args.users:
+        print(frame.to_csv(index=False), end="")
+    else:
+        who = f"user {args.user}" if args.user is not None else "a new user"
+        print(f"top {args.k} for {who} ({source}; known items {'included' if args.include_known else 'excluded'})")
+        print(format_table(frame))
+    return 0
+
+
+def _recommender(args: argparse.Namespace):
+    """recommend(users, history, k, include_known) -> frame, from a checkpoint or an MLflow model; its source."""
+    if args.model:
+        from .serving import LoadedModel
+        return LoadedModel(args.model).recommend, f"MLflow model {args.model}"
+    from .config import load_params
+    from .features import item_titles
+    from .recommend import Recommender
+    params = load_params(args.params, args.overrides)
+    checkpoint = args.checkpoint or "checkpoints/finetune_moe"
+    rec = Recommender.load(checkpoint, args.data, args.features, item_titles(params.prepare, params.features_text.movies))
+    return (lambda users, history, k, known: rec.for_users(users, k, known) if users is not None
+            else rec.for_histories([history], k, known)), f"{rec.stage} checkpoint {checkpoint}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,6 +129,7 @@ class VisualFeatureParams:
 @dataclass
 class TrackingParams:
     enabled: bool = True             # MLflow runs (store: MLFLOW_TRACKING_URI or sqlite:///mlruns.db)
+    log_models: bool = True          # each stage logs its model and registers it as a version of `feddmmr`
 
 
 @dataclass

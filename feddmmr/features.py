@@ -38,9 +38,9 @@ def _read_text(path: Path, member: str, encoding: str) -> tuple[str, Path]:
     return read_member(path, member, encoding, setting="features_text.movies")
 
 
-def read_item_metadata(prep: PrepareParams, movies: str = "") -> tuple[dict[int, str], list[Path]]:
-    """{raw item id: 'Title (Year). Genres: a, b.'} from the dataset's movie file or a CSV."""
-    texts: dict[int, str] = {}
+def read_item_metadata(prep: PrepareParams, movies: str = "") -> tuple[dict[int, tuple[str, str]], list[Path]]:
+    """{raw item id: (title, 'genre, genre')} from the dataset's movie file or a CSV."""
+    texts: dict[int, tuple[str, str]] = {}
     if movies and Path(movies).suffix.lower() == ".csv" or (not movies and prep.source == "csv"):
         path = Path(movies) if movies else Path(prep.path).with_name("items.csv")
         if not path.is_file():
@@ -50,7 +50,7 @@ def read_item_metadata(prep: PrepareParams, movies: str = "") -> tuple[dict[int,
             raise FeddmmrError(f"{path}: needs item and title columns (optional genres), found {list(frame.columns)}")
         for row in frame.itertuples():
             genres = getattr(row, "genres", "")
-            texts[int(row.item)] = f"{row.title}. Genres: {genres.replace('|', ', ')}." if genres else f"{row.title}."
+            texts[int(row.item)] = (row.title, genres.replace("|", ", "))
         return texts, [path]
     source = Path(movies) if movies else Path(prep.path)
     if prep.source == "ml-1m":
@@ -58,7 +58,7 @@ def read_item_metadata(prep: PrepareParams, movies: str = "") -> tuple[dict[int,
         for line in text.splitlines():
             parts = line.split("::")
             if len(parts) >= 3 and parts[0].strip().isdigit():
-                texts[int(parts[0])] = f"{parts[1]}. Genres: {parts[2].replace('|', ', ')}."
+                texts[int(parts[0])] = (parts[1], parts[2].replace("|", ", "))
         return texts, [src]
     if prep.source == "ml-100k":
         text, src = _read_text(source, "u.item", "latin-1")
@@ -72,9 +72,23 @@ def read_item_metadata(prep: PrepareParams, movies: str = "") -> tuple[dict[int,
             if len(parts) >= 5 and parts[0].strip().isdigit():
                 flags = parts[-len(names):] if names else []
                 genres = ", ".join(n for n, f in zip(names, flags) if f.strip() == "1")
-                texts[int(parts[0])] = f"{parts[1]}. Genres: {genres}." if genres else f"{parts[1]}."
+                texts[int(parts[0])] = (parts[1], genres)
         return texts, [src]
     raise FeddmmrError(f"no item metadata reader for prepare.source={prep.source!r}; set features_text.movies to a CSV")
+
+
+def item_text(title: str, genres: str) -> str:
+    """'Title (Year). Genres: a, b.': what the text model embeds for an item."""
+    return f"{title}. Genres: {genres}." if genres else f"{title}."
+
+
+def item_titles(prep: PrepareParams, movies: str = "") -> dict[int, str]:
+    """{raw item id: title}, or {} when the dataset has no item metadata (titles are then left blank)."""
+    try:
+        return {raw: title for raw, (title, _) in read_item_metadata(prep, movies)[0].items()}
+    except FeddmmrError as exc:
+        log.info("no item titles: %s", exc)
+        return {}
 
 
 def read_descriptions(path: str | Path) -> dict[int, str]:
@@ -135,7 +149,7 @@ def extract_text(prep: PrepareParams, tp: TextFeatureParams, data_dir: str | Pat
     texts, rows = [], []
     with_desc = 0
     for idx, raw in enumerate(data.item_raw.tolist(), start=1):
-        parts = [p for p in (meta_texts.get(raw), desc.get(raw)) if p]
+        parts = [p for p in (raw in meta_texts and item_text(*meta_texts[raw]), desc.get(raw)) if p]
         with_desc += raw in desc
         if parts:
             texts.append(" ".join(parts))

@@ -38,7 +38,7 @@ from .client import CLIENT_OPTIMIZERS, EXECUTORS, ClientPool, warm_memories
 from .config import MemoryParams, MultimodalTrainParams, Params, TrainParams, resolve_device, validate
 from .data import Prepared, load_prepared
 from .errors import DivergedError, FeddmmrError, TrackingIncomplete
-from .features import ModalityFeatures, load_modalities
+from .features import ModalityFeatures, item_titles, load_modalities
 from .io import atomic_dir, exclusive, file_sha256, load_tensors, nonfinite, read_json, save_tensors, write_json
 from .memory import MemoryBank, combined_features
 from .metrics import Evaluator, pick
@@ -240,7 +240,8 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
         try:
             setup = _initialise(stage, spec, params, tp, data, data_dir, feats, init_dir, saved)
             state = _fit(setup, state, saved[1] if saved else None, resume, tracker, progress)
-            return _write(setup, state, resume, tracker, out_dir, metrics_path, init_dir)
+            export = _model_export(params, spec, data, data_dir, features_dir)
+            return _write(setup, state, resume, tracker, out_dir, metrics_path, init_dir, export)
         except KeyboardInterrupt:
             tracker.fail("KILLED")
             raise
@@ -249,6 +250,14 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
         except BaseException:
             tracker.fail("FAILED")
             raise
+
+
+def _model_export(params: Params, spec: StageSpec, data: Prepared, data_dir, features_dir) -> dict | None:
+    """What the stage's MLflow model is made of besides the checkpoint (``serving.log_stage_model``)."""
+    if not (params.tracking.enabled and params.tracking.log_models):
+        return None
+    return {"data": Path(data_dir), "features": Path(features_dir) if spec.multimodal else None,
+            "titles": item_titles(params.prepare, params.features_text.movies), "example_user": int(data.user_raw[0])}
 
 
 def _start_checkpoint(stage: str, spec: StageSpec, tp: TrainParams, out_dir, init_dir) -> Path | None:
@@ -457,7 +466,7 @@ def _round(setup: Setup, state: Progress, rnd: int, executor, best: tuple) -> tu
 
 
 def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun, out_dir, metrics_path,
-           init_dir: Path | None) -> dict:
+           init_dir: Path | None, export: dict | None) -> dict:
     """Test the best round; write checkpoint, metrics and the MLflow records; then drop the resume state."""
     stage, model, memory, history = setup.stage, setup.model, setup.memory, state.history
     test = setup.evaluator.evaluate(model, "test", memory)
@@ -494,7 +503,8 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
     final = {"best_round": state.best_round, **_round_metrics(test, "test"), **_round_metrics(metrics["val"], "best_val")}
     try:
         tracker.finish(record, state.round, final, [Path(out_dir) / a for a in artifacts] + [Path(metrics_path)],
-                       Path(out_dir), param_diff=diff)
+                       Path(out_dir), param_diff=diff,
+                       model={**export, "checkpoint": Path(out_dir)} if export is not None else None)
     except TrackingIncomplete:
         state.tracked_round = tracker.tracked_round
         resume.save_progress(state)   # re-running records the rest without training again
