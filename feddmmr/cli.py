@@ -126,7 +126,9 @@ def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="stage metrics side by side (MLflow)",
                        description="Print the best-validation and test metrics of every stage of a pipeline run, "
                                    "read from the MLflow store (MLFLOW_TRACKING_URI, default sqlite:///mlruns.db).")
-    p.add_argument("--pipeline", help="pipeline key (tag feddmmr.pipeline_key; default: the latest pipeline run)")
+    p.add_argument("--run", "--pipeline", dest="pipeline",
+                   help="pipeline run: a flow run's DVC experiment name, or the tag feddmmr.pipeline_key "
+                        "(default: the latest pipeline run)")
     p.add_argument("--protocol", default="full", choices=["full", "sampled"], help="evaluation protocol (default: full)")
 
 

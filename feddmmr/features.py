@@ -3,7 +3,8 @@
 Each modality is written, atomically, as one directory:
     features.safetensors   features [I+1, D] float32 (L2-normalised rows; row 0 = padding = zeros),
                            mask [I+1] bool (True where the item has this modality)
-    report.json            model, dims, coverage, source files' hashes, seconds
+    report.json            model, dims, coverage, source files' hashes (the seconds taken are returned, not
+                           written: identical work gives identical outputs)
 
 An item without a text or poster gets a zero row with mask False, never random noise.
 """
@@ -295,11 +296,14 @@ def extract_visual(vp: VisualFeatureParams, data_dir: str | Path, out_dir: str |
 # Files
 # ----------------------------------------------------------------------------------------------
 
+WALL_CLOCK = ("seconds",)
+
+
 def _write_features(out_dir: str | Path, feats: torch.Tensor, mask: torch.Tensor, report: dict) -> None:
     with atomic_dir(out_dir) as tmp:
         save_tensors(tmp / "features.safetensors", {"features": feats, "mask": mask},
                      metadata={"modality": report["modality"], "model": str(report["model"])})
-        write_json(tmp / "report.json", report)
+        write_json(tmp / "report.json", {k: v for k, v in report.items() if k not in WALL_CLOCK})
 
 
 def load_features(feature_dir: str | Path, num_items: int, expected_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

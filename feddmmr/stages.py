@@ -20,7 +20,9 @@ A stage writes, atomically, a checkpoint directory:
     config.json         model shape, data and feature fingerprints, parameters, group provenance
     load_report.json    what was loaded from the previous stage (stages 2-3)
     train_history.json  per-round loss, validation metrics (both protocols), router weights and gate
-and a DVC metrics file with the best round's validation and test metrics.
+    rounds.csv          the same per round as a table: what `dvc plots show` draws
+and a DVC metrics file with the best round's validation and test metrics. Wall-clock times go to MLflow
+only (and are returned), so identical work writes identical files.
 """
 from __future__ import annotations
 
@@ -293,6 +295,22 @@ def _round_record(history: dict, i: int, with_memory: bool) -> dict[str, float]:
     return record
 
 
+PLOTTED = ("full/NDCG@10", "full/HR@10", "sampled/NDCG@10", "sampled/HR@10")
+
+
+def _rounds_csv(history: dict) -> str:
+    """rounds.csv of the checkpoint, what `dvc plots` draws: per round the validation metrics of both protocols,
+    the train loss and (stages 2-3) the gate and router weights."""
+    router = sorted(history["router"][0])
+    plotted = [m for m in PLOTTED if m.split("/")[0] in history["val"][0]]   # sampled: absent without negatives
+    lines = [",".join(["round", "train_loss", *(f"val.{m.replace('/', '.')}" for m in plotted), *router])]
+    for i, rnd in enumerate(history["round"]):
+        loss = history["train_loss"][i]
+        values = [pick(history["val"][i], m) for m in plotted] + [history["router"][i][k] for k in router]
+        lines.append(",".join([str(rnd), "" if loss is None else f"{loss:.6g}", *(f"{v:.6g}" for v in values)]))
+    return "\n".join(lines) + "\n"
+
+
 def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, data: Prepared, data_dir,
                 feats: dict | None, init_dir: Path | None, saved) -> Setup:
     """Build the model, load the previous stage, set up the client memories; on resume, restore the saved round."""
@@ -474,9 +492,7 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
     history["best_round"], history["test"] = state.best_round, test
     if memory is not None:
         history["memory"] = memory.summary()
-    train_seconds = history["seconds"][1:]
-    metrics = {"stage": stage, "best_round": state.best_round, "rounds_run": len(train_seconds),
-               "seconds_per_round": sum(train_seconds) / max(1, len(train_seconds)),
+    metrics = {"stage": stage, "best_round": state.best_round, "rounds_run": len(history["round"]) - 1,
                "val": history["val"][state.best_round], "test": test}
     if setup.spec.multimodal:
         metrics["gating_weight"] = history["router"][state.best_round]["gating_weight"]
@@ -489,7 +505,8 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
             save_tensors(tmp / "memory.safetensors", memory.state_dict(), metadata={"stage": stage})
         write_json(tmp / "config.json", {**setup.config, "best_round": state.best_round,
                                          **({"diverged": state.diverged} if state.diverged else {})})
-        write_json(tmp / "train_history.json", history)
+        write_json(tmp / "train_history.json", {k: v for k, v in history.items() if k != "seconds"})
+        (tmp / "rounds.csv").write_text(_rounds_csv(history))
         if setup.report:
             write_json(tmp / "load_report.json", setup.report)
     write_json(metrics_path, metrics)
@@ -500,7 +517,10 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
         raise DivergedError(f"{state.diverged}. The best finite round ({state.best_round}) is written to {out_dir} "
                             f"and {metrics_path}, marked diverged")
     diff = stage_diff(init_dir, out_dir) if init_dir is not None else None
-    final = {"best_round": state.best_round, **_round_metrics(test, "test"), **_round_metrics(metrics["val"], "best_val")}
+    train_seconds = history["seconds"][1:]   # wall clock goes to MLflow only: DVC outputs stay reproducible
+    metrics["seconds_per_round"] = sum(train_seconds) / max(1, len(train_seconds))
+    final = {"best_round": state.best_round, "seconds_per_round": metrics["seconds_per_round"],
+             **_round_metrics(test, "test"), **_round_metrics(metrics["val"], "best_val")}
     try:
         tracker.finish(record, state.round, final, [Path(out_dir) / a for a in artifacts] + [Path(metrics_path)],
                        Path(out_dir), param_diff=diff,

@@ -1,7 +1,7 @@
 """MLflow tracking: one parent run per pipeline run, one child run per training stage.
 
-The tracking store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///mlruns.db`` in the working
-directory. A pipeline run groups the stages trained on the same prepared data at the same git
+The tracking store is ``MLFLOW_TRACKING_URI`` when set, else ``mlruns.db`` in the project folder (the
+working directory, or the project that a ``.dvc/tmp`` copy belongs to), artifacts beside it in ``mlruns/``. A pipeline run groups the stages trained on the same prepared data at the same git
 commit; ``FEDDMMR_PIPELINE_RUN`` (set by orchestrators) names it explicitly. The store is checked
 before training starts, so an unreachable server fails in seconds, not after an hour of training.
 """
@@ -25,12 +25,24 @@ from .errors import FeddmmrError, TrackingIncomplete
 from .interrupts import shielded
 
 log = logging.getLogger("feddmmr")
-DEFAULT_URI = "sqlite:///mlruns.db"
 EXPERIMENT = "feddmmr"
 
 
+def project_root(cwd: str | Path | None = None) -> Path:
+    """The project a command runs for: the working directory, or, inside a copy DVC or a flow run makes under
+    ``<project>/.dvc/tmp/`` (``dvc exp run --temp``, queued experiments, flow-run workspaces), that project."""
+    cwd = Path(cwd or os.getcwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 2] == (".dvc", "tmp"):
+            return Path(*parts[:i])
+    return cwd
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """``MLFLOW_TRACKING_URI``, else ``sqlite:///<project>/mlruns.db``: an absolute store, so runs made in a
+    temporary copy of the project land in the project's store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlruns.db'}"
 
 
 def _health(uri: str, timeout: float) -> str | None:
@@ -148,9 +160,11 @@ class StageRun:
         key = os.environ.get("FEDDMMR_PIPELINE_RUN") or hashlib.sha256(f"{commit}:{data_sha}".encode()).hexdigest()[:16]
         tags = {"feddmmr.pipeline_key": key, "git_commit": commit, "data_sha256": data_sha,
                 "data_source": str(data_meta.get("path", ""))}
-        flow_run = os.environ.get("PREFECT__FLOW_RUN_ID")
+        flow_run, named = os.environ.get("PREFECT__FLOW_RUN_ID"), os.environ.get("FEDDMMR_PIPELINE_RUN")
         if flow_run:
             tags["prefect_flow_run_id"] = flow_run
+        if named:   # a flow run: its DVC experiment has the same name
+            tags["dvc_experiment"] = named
         output = str(Path(output).resolve()) if output is not None else ""
         self._end_stale_runs(output, keep=resume_run)
         if resume_run and self._reopen(resume_run):
@@ -170,9 +184,15 @@ class StageRun:
     def _experiment(self) -> str:
         exp = self.client.get_experiment_by_name(EXPERIMENT)
         if exp is not None:
+            if "mlflow.experimentKind" not in exp.tags:
+                self.client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
             return exp.experiment_id
-        try:
-            return self.client.create_experiment(EXPERIMENT)
+        location = None
+        if self.uri.startswith("sqlite:///"):   # artifacts beside the store, wherever the run's working copy is
+            location = (Path(self.uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+        try:   # a model-training experiment (MLflow's UI opens it in that view, not the GenAI one)
+            return self.client.create_experiment(EXPERIMENT, artifact_location=location,
+                                                 tags={"mlflow.experimentKind": "custom_model_development"})
         except Exception:  # created meanwhile by another process
             exp = self.client.get_experiment_by_name(EXPERIMENT)
             if exp is None:
@@ -184,7 +204,7 @@ class StageRun:
                                         " and tags.`feddmmr.kind` = 'pipeline'", max_results=1)
         if found:
             return found[0].info.run_id
-        return self.client.create_run(self.exp_id, run_name=f"pipeline-{key[:8]}",
+        return self.client.create_run(self.exp_id, run_name=tags.get("dvc_experiment") or f"pipeline-{key[:8]}",
                                       tags={**tags, "feddmmr.kind": "pipeline"}).info.run_id
 
     def _end_stale_runs(self, output: str, keep: str | None) -> None:

@@ -1,118 +1,178 @@
-"""Prefect flow of the FedDMMR pipeline: prepare -> features (text, visual) -> training stages.
+"""Prefect flow of the FedDMMR pipeline: every flow run is a DVC experiment.
 
-Each task calls the same ``feddmmr`` library function as the matching DVC stage, with the same
-``params.yaml`` (plus optional ``section.key=value`` overrides), and writes the same artefacts, so a
-run from the Prefect UI and ``dvc repro`` agree. The flow run id tags the MLflow runs.
+A flow run clones the deployed commit into its own workspace (``flows.workspace``), applies its
+parameters (``section.key=value`` overrides and a dataset choice) to that copy's params.yaml, runs the
+DVC stages one Prefect task each (`dvc repro --single-item <stage>`: a stage whose inputs did not
+change is restored from DVC's run-cache, not retrained), then saves the result as the DVC experiment
+named after the flow run and pushes it to the project and its outputs to the DVC remote. MLflow runs
+are grouped under one parent run of the same name. The Prefect UI shows one task per step, a metrics
+table per stage linking to its MLflow run, and a final comparison of the stages.
 
     python -m flows.pipeline --help
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from pathlib import Path
+from typing import Literal
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from feddmmr.config import load_params
 from feddmmr.errors import FeddmmrError
 from feddmmr.modalities import NAMES
+from flows.workspace import StepFailed, Workspace, experiment_name
 
 TRAIN_STEPS = ("pretrain_sasrec", "align_projectors", "finetune_moe")
 STEPS = ("prepare", *(f"features_{m}" for m in NAMES)) + TRAIN_STEPS
-DATA = "data/prepared"
+Dataset = Literal["params", "demo", "ml-1m-top1000", "ml-100k"]
+PROTOCOLS = ("full", "sampled")
+
+
+def dataset_overrides(dataset: str, data_root: str) -> list[str]:
+    """The prepare overrides of a dataset choice; "params" keeps the committed params.yaml."""
+    if dataset == "params":
+        return []
+    if dataset == "demo":
+        return ["prepare.source=csv", "prepare.path=data/demo/interactions.csv", "prepare.top_k_users=0",
+                "features_text.movies=''"]
+    root = data_root or os.environ.get("FEDDMMR_DATA_ROOT", "")
+    if not root:
+        raise FeddmmrError(f"dataset {dataset} needs data_root (or FEDDMMR_DATA_ROOT): the folder holding ml-1m/ "
+                           f"or ml-100k/")
+    if dataset == "ml-1m-top1000":
+        return ["prepare.source=ml-1m", f"prepare.path={Path(root) / 'ml-1m'}", "prepare.top_k_users=1000"]
+    return ["prepare.source=ml-100k", f"prepare.path={Path(root) / 'ml-100k'}", "prepare.top_k_users=0"]
+
+
+def task_name(step: str) -> str:
+    if step in TRAIN_STEPS:
+        return f"train-{step}"
+    return step.replace("_", "-")
 
 
 def transient(task_, task_run, state) -> bool:
-    """Retry only failures that may pass (I/O, resources); a bad input or parameter fails at once."""
+    """Retry what may pass (I/O, a killed process: the stage resumes); never a bad input (2) or divergence (3)."""
     exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, (FeddmmrError, ValueError, KeyError))
+    return not (isinstance(exc, FeddmmrError) or isinstance(exc, StepFailed) and exc.exit_code in (2, 3))
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
-def prepare_task(params_file: str, overrides: list[str]) -> dict:
-    from feddmmr.data import prepare
-    return prepare(load_params(params_file, overrides).prepare, DATA)
-
-
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
-def features_task(modality: str, params_file: str, overrides: list[str]) -> dict:
-    from feddmmr.features import extract
-    return extract(modality, load_params(params_file, overrides), DATA, f"features/{modality}", progress=False)
-
-
-@task(retries=1, retry_delay_seconds=30, retry_condition_fn=transient)
-def train_task(stage: str, params_file: str, overrides: list[str]) -> dict:
-    from feddmmr.stages import train_stage
-    params = load_params(params_file, overrides)
-    init_from = getattr(getattr(params, stage), "init_from", "")
-    return train_stage(stage, params, DATA, f"checkpoints/{stage}", f"metrics/{stage}.json", progress=False,
-                       features_dir="features", init_dir=f"checkpoints/{init_from}" if init_from else None)
-
-
-@contextlib.contextmanager
-def _run_env(flow_run_id: str | None):
-    """Name the MLflow pipeline run after the flow run for the duration of the flow."""
-    keys = ("FEDDMMR_PIPELINE_RUN", "PREFECT__FLOW_RUN_ID")
-    saved = {k: os.environ.get(k) for k in keys}
-    if flow_run_id:
-        os.environ.update({k: flow_run_id for k in keys})
+@task(name="workspace", task_run_name="workspace", cache_policy=NO_CACHE)
+def open_workspace(project: str, name: str, rev: str, overrides: list[str]) -> Workspace:
+    ws = Workspace.open(project, name, rev)
     try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        ws.set_params(overrides)
+    except FeddmmrError:   # nothing to resume: no workspace left behind
+        ws.remove()
+        raise
+    get_run_logger().info("workspace %s: %s at %s, overrides %s", ws.path, ws.project, rev, overrides or "none")
+    return ws
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient, cache_policy=NO_CACHE)
+def step_task(ws: Workspace, step: str) -> bool:
+    log = get_run_logger()
+    ran = ws.repro(step, log.info)
+    if step in TRAIN_STEPS:
+        stage_artifact(ws, step, ran)
+    return ran
+
+
+def stage_artifact(ws: Workspace, stage: str, ran: bool) -> None:
+    """A markdown table of the stage's metrics in the Prefect UI, with a link to the MLflow run."""
+    m = ws.read_json(f"metrics/{stage}.json")
+    rows = ["| split | protocol | HR@10 | NDCG@10 | MRR |", "|---|---|---|---|---|"]
+    for split in ("val", "test"):
+        for protocol in PROTOCOLS:
+            if protocol in m[split]:
+                r = m[split][protocol]
+                rows.append(f"| {split} | {protocol} | {r['HR@10']:.4f} | {r['NDCG@10']:.4f} | {r['MRR']:.4f} |")
+    link = mlflow_link(ws, stage)
+    how = "trained in this run" if ran else "restored from the DVC run-cache (same inputs, not retrained)"
+    create_markdown_artifact(key=f"{stage.replace('_', '-')}-metrics", description=f"{stage} of {ws.name}",
+                             markdown=f"### {stage}\n\nBest round {m['best_round']} of {m['rounds_run']} rounds run; "
+                                      f"{how}. MLflow: {link}\n\n" + "\n".join(rows))
+
+
+def mlflow_link(ws: Workspace, stage: str) -> str:
+    """The MLflow run that wrote this stage's checkpoint (found by its hash), as a link to the MLflow UI."""
+    import mlflow
+
+    from feddmmr.io import file_sha256
+    from feddmmr.tracking import EXPERIMENT, project_root
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(ws.path) / 'mlruns.db'}"
+    try:
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        sha = file_sha256(ws.path / "checkpoints" / stage / "model.safetensors")
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.checkpoint_sha256 = '{sha}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+    except Exception as exc:   # the metrics are the artifact; a missing link is not a failed step
+        return f"(no MLflow run found: {str(exc).splitlines()[0]})"
+    if not runs:
+        return "(no MLflow run records this checkpoint: tracking off?)"
+    ui = os.environ.get("FEDDMMR_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+    run_id = runs[0].info.run_id
+    return f"[run {run_id[:8]}]({ui}/#/experiments/{exp.experiment_id}/runs/{run_id})"
+
+
+@task(name="save-experiment", task_run_name="save-experiment", cache_policy=NO_CACHE)
+def save_task(ws: Workspace, stages: list[str]) -> str:
+    pushed = ws.save()
+    header = "| metric | " + " | ".join(stages) + " |"
+    rows = [header, "|---" * (len(stages) + 1) + "|"]
+    metrics = {s: ws.read_json(f"metrics/{s}.json") for s in stages}
+    for split in ("val", "test"):
+        for protocol in PROTOCOLS:
+            for name in ("HR@10", "NDCG@10"):
+                vals = [metrics[s][split].get(protocol, {}).get(name) for s in stages]
+                rows.append(f"| {split} {protocol} {name} | " + " | ".join("-" if v is None else f"{v:.4f}"
+                                                                           for v in vals) + " |")
+    create_markdown_artifact(key="stage-comparison", description=f"stages of {ws.name}",
+                             markdown=f"### DVC experiment `{ws.name}`\n\n`dvc exp show` lists it; `dvc exp apply "
+                                      f"{ws.name} && dvc repro` reproduces it. Pushed: {pushed}.\n\n" + "\n".join(rows))
+    ws.remove()
+    return ws.name
 
 
 @flow(name="feddmmr-pipeline", log_prints=True)
-def pipeline(project_dir: str = ".", params_file: str = "params.yaml", overrides: list[str] | None = None,
-             steps: list[str] | None = None) -> dict:
-    """Run the pipeline steps in order.
+def pipeline(overrides: list[str] | None = None, dataset: Dataset = "params", data_root: str = "",
+             project_dir: str = "", rev: str = "HEAD") -> dict:
+    """Run the pipeline as a DVC experiment named after this flow run.
 
     Args:
-        project_dir: the project checkout (holds params.yaml, data/, checkpoints/).
-        params_file: parameters file, relative to project_dir.
-        overrides: `section.key=value` overrides, e.g. ["pretrain_sasrec.rounds=20"].
-        steps: subset of prepare, features_text, features_visual, pretrain_sasrec, align_projectors,
-            finetune_moe (default: all; with finetune_moe.init_from=pretrain_sasrec, align_projectors
-            is skipped unless named).
+        overrides: `section.key=value` parameter overrides, as `dvc exp run -S`, e.g. ["pretrain_sasrec.rounds=20"].
+        dataset: params (the committed params.yaml) | demo | ml-1m-top1000 | ml-100k.
+        data_root: folder with ml-1m/ and ml-100k/ (default: FEDDMMR_DATA_ROOT).
+        project_dir: the project's git + DVC checkout (default: FEDDMMR_PROJECT_DIR, else the working directory).
+        rev: the commit to run (default: the project's HEAD).
     """
-    overrides = list(overrides or [])
-    unknown = [s for s in steps or [] if s not in STEPS]
-    if unknown:
-        raise FeddmmrError(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
-    params = load_params(Path(project_dir) / params_file, overrides)  # validate before any work
-    if steps is None:  # the 2-stage path (finetune_moe from pretrain_sasrec) needs no align_projectors
-        steps = [s for s in STEPS if not (s == "align_projectors" and params.finetune_moe.init_from == "pretrain_sasrec")]
-    results: dict = {}
-    with contextlib.chdir(project_dir), _run_env(str(flow_run.id) if flow_run.id else None):
-        if "prepare" in steps:
-            results["prepare"] = prepare_task(params_file, overrides)
-            print(f"prepared: {results['prepare']['num_users']} users, {results['prepare']['num_items']} items")
-        for modality in NAMES:
-            if f"features_{modality}" in steps:
-                results[f"features_{modality}"] = report = features_task(modality, params_file, overrides)
-                print(f"{modality} features: {report['covered']}/{report['items']} items")
-        for stage in TRAIN_STEPS:
-            if stage in steps:
-                results[stage] = m = train_task(stage, params_file, overrides)
-                print(f"{stage}: best round {m['best_round']}, test full NDCG@10 {m['test']['full']['NDCG@10']:.4f}")
-    return results
+    project = Path(project_dir or os.environ.get("FEDDMMR_PROJECT_DIR") or ".").resolve()
+    all_overrides = dataset_overrides(dataset, data_root) + list(overrides or [])
+    name = experiment_name(project, flow_run.name or "run", str(flow_run.id or "local"))
+    ws = open_workspace(project, name, rev, all_overrides)
+    ran = {}
+    for step in STEPS:
+        ran[step] = step_task.with_options(name=task_name(step), task_run_name=task_name(step))(ws, step)
+    stages = list(TRAIN_STEPS)
+    metrics = {s: ws.read_json(f"metrics/{s}.json") for s in stages}
+    save_task(ws, stages)
+    print(f"DVC experiment {name}: " + ", ".join(f"{s} {'ran' if ran[s] else 'restored'}" for s in STEPS))
+    return {"experiment": name, "ran": [s for s in STEPS if ran[s]], "metrics": metrics}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--project-dir", default=".")
-    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--steps", nargs="+", choices=STEPS, help="steps to run (default: all)")
+    ap.add_argument("--dataset", default="params", choices=["params", "demo", "ml-1m-top1000", "ml-100k"])
+    ap.add_argument("--data-root", default="")
+    ap.add_argument("--project-dir", default="")
+    ap.add_argument("--rev", default="HEAD")
     args = ap.parse_args()
-    pipeline(args.project_dir, args.params, args.overrides, args.steps)
+    pipeline(args.overrides, args.dataset, args.data_root, args.project_dir, args.rev)
 
 
 if __name__ == "__main__":

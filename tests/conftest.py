@@ -128,3 +128,20 @@ def tiny_stage_params(**train) -> Params:
         for k, v in train.items():
             setattr(stage, k, v)
     return p
+
+
+def git_dvc_project(root: Path) -> Path:
+    """write_tiny_project + add_dvc_pipeline as a committed git + DVC repository with a local DVC remote
+    (``root/../<name>-storage``): what a flow run clones."""
+    import shutil
+    import subprocess
+    import sys
+    root.mkdir(parents=True, exist_ok=True)
+    add_dvc_pipeline(write_tiny_project(root))
+    shutil.copy(REPO / ".gitignore", root)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    storage = root.parent / f"{root.name}-storage"
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "remote", "add", "-d", "local", str(storage)],
+                ["git", "add", "-A"], ["git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "tiny"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    return root

@@ -1,10 +1,17 @@
-"""The Prefect pipeline flow under prefect_test_harness, on tiny data in a scratch project."""
+"""The Prefect pipeline flow under prefect_test_harness: every flow run is a DVC experiment, on tiny data in a
+scratch git + DVC project."""
 import json
-import shutil
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import mlflow
 import pytest
 
-from conftest import add_dvc_pipeline, write_tiny_project
+from conftest import git_dvc_project
+
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -14,67 +21,81 @@ def harness():
         yield
 
 
-@pytest.fixture()
-def project(tmp_path):
-    return write_tiny_project(tmp_path)
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return git_dvc_project(tmp_path_factory.mktemp("flow") / "project")
 
 
-def test_pipeline_flow_runs_every_step_and_tags_mlflow(harness, project, monkeypatch):
-    import mlflow
+def sh(*cmd, cwd):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout
 
+
+def stage_runs(project):
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("feddmmr")
+    return client, client.search_runs([exp.experiment_id], filter_string="tags.`feddmmr.kind` = 'stage'")
+
+
+def test_a_flow_run_is_a_pushed_dvc_experiment_that_dvc_repro_reproduces(harness, project, monkeypatch):
     from flows.pipeline import pipeline
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("FEDDMMR_PIPELINE_RUN", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns.db'}")
-    state = pipeline(str(project), overrides=["pretrain_sasrec.rounds=1"], return_state=True)
+    state = pipeline(overrides=["pretrain_sasrec.rounds=1"], project_dir=str(project), return_state=True)
     assert state.is_completed()
     result = state.result()
-    assert set(result) == {"prepare", "features_text", "features_visual", "pretrain_sasrec", "align_projectors",
-                           "finetune_moe"}
-    assert result["prepare"]["num_users"] == 40 and result["features_text"]["covered"] == result["prepare"]["num_items"]
-    metrics = json.loads((project / "metrics" / "pretrain_sasrec.json").read_text())
-    assert metrics["rounds_run"] == 1  # the override reached the stage
-    assert (project / "checkpoints" / "pretrain_sasrec" / "model.safetensors").is_file()
-    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("feddmmr").experiment_id])
-    flow_run_id = str(state.state_details.flow_run_id)
-    assert runs and all(r.data.tags["feddmmr.pipeline_key"] == flow_run_id for r in runs)
-    assert any(r.data.tags.get("prefect_flow_run_id") == flow_run_id for r in runs)
+    name = result["experiment"]
+    assert set(result["ran"]) == {"prepare", "features_text", "features_visual", "pretrain_sasrec",
+                                  "align_projectors", "finetune_moe"}
+    assert result["metrics"]["pretrain_sasrec"]["rounds_run"] == 1          # the override reached the stage
+
+    # the user's checkout is untouched; the experiment is listed there, its outputs are on the DVC remote
+    assert sh("git", "status", "--porcelain", cwd=project) == "" and not (project / "data" / "prepared").exists()
+    assert not (project / ".dvc" / "tmp" / "runs" / name).exists()
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=project))
+    exps = {e["name"]: e for row in shown for e in (row.get("experiments") or []) for e in e["revs"]}
+    assert name in exps
+    params = exps[name]["data"]["params"]["params.yaml"]["data"]
+    assert params["pretrain_sasrec"]["rounds"] == 1
+    assert any((project.parent / "project-storage").rglob("*")), "nothing pushed to the DVC remote"
+
+    # MLflow: one parent run named after the experiment, its stages under it, compare picks it
+    client, runs = stage_runs(project)
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == name and parent.data.tags["dvc_experiment"] == name
+    assert parent.data.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=project).strip()
+    assert {r.data.tags["feddmmr.stage"] for r in runs} == {"pretrain_sasrec", "align_projectors", "finetune_moe"}
+    assert client.get_experiment_by_name("feddmmr").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"pipeline {name} " in sh(str(BIN / "feddmmr"), "compare", "--run", name, cwd=project)
+
+    # dvc exp apply + dvc repro (forced: really retrained) gives the same metrics
+    sh("dvc", "exp", "apply", name, cwd=project)
+    sh("dvc", "repro", "--force", "--single-item", "pretrain_sasrec", cwd=project)
+    again = json.loads((project / "metrics" / "pretrain_sasrec.json").read_text())
+    assert (again["val"], again["test"]) == (result["metrics"]["pretrain_sasrec"]["val"],
+                                             result["metrics"]["pretrain_sasrec"]["test"])
+    sh("git", "checkout", "--", ".", cwd=project)
 
 
-def test_bad_parameter_fails_the_flow_without_retries(harness, project):
+def test_a_rerun_with_unchanged_params_retrains_nothing(harness, project, monkeypatch):
+    from flows.pipeline import pipeline
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = pipeline(overrides=["pretrain_sasrec.rounds=3"], project_dir=str(project))
+    _, before = stage_runs(project)
+    second = pipeline(overrides=["pretrain_sasrec.rounds=3"], project_dir=str(project))
+    _, after = stage_runs(project)
+    assert first["ran"] and second["ran"] == []                                # every stage from the run-cache
+    assert len(after) == len(before) and second["metrics"] == first["metrics"]
+    assert second["experiment"] != first["experiment"]
+
+
+def test_a_bad_override_fails_the_flow_without_touching_anything(harness, project):
     from flows.pipeline import pipeline
     from feddmmr.errors import FeddmmrError
+    status = sh("git", "status", "--porcelain", "--ignored", cwd=project)
     with pytest.raises(FeddmmrError, match="unknown key prepare.nope"):
-        pipeline(str(project), overrides=["prepare.nope=1"])
-    assert not (project / "data" / "prepared").exists()
-
-
-def test_flow_and_dvc_repro_produce_the_same_results(harness, project, tmp_path, monkeypatch):
-    """The same params through `dvc repro` and through the flow give identical metrics and features."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from flows.pipeline import pipeline
-    twin = tmp_path / "dvc-twin"
-    shutil.copytree(project, twin)
-    add_dvc_pipeline(twin)
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{twin / 'mlruns.db'}"}
-    for args in (["init", "--no-scm", "-q"], ["repro", "-q"]):
-        r = subprocess.run([str(bin_dir / "dvc"), *args], cwd=twin, env=env, capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout + r.stderr
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns.db'}")
-    assert pipeline(str(project), return_state=True).is_completed()
-    for stage in ("pretrain_sasrec", "align_projectors", "finetune_moe"):
-        flow_metrics = json.loads((project / "metrics" / f"{stage}.json").read_text())
-        dvc_metrics = json.loads((twin / "metrics" / f"{stage}.json").read_text())
-        assert flow_metrics["test"] == dvc_metrics["test"] and flow_metrics["best_round"] == dvc_metrics["best_round"]
-    import numpy as np
-    from safetensors.torch import load_file
-    a, b = load_file(project / "features/text/features.safetensors"), load_file(twin / "features/text/features.safetensors")
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # headers may order metadata differently
-    with np.load(project / "data/prepared/sequences.npz") as x, np.load(twin / "data/prepared/sequences.npz") as y:
-        assert all(np.array_equal(x[k], y[k]) for k in ("items", "offsets", "eval_negatives"))
+        pipeline(overrides=["prepare.nope=1"], project_dir=str(project))
+    assert sh("git", "status", "--porcelain", "--ignored", cwd=project) == status

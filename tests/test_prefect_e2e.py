@@ -1,5 +1,6 @@
-"""End to end: a real Prefect server on 127.0.0.1, the project's prefect.yaml deployed to a process
-work pool, a run triggered through the API and executed by a worker, on tiny data."""
+"""End to end: a real Prefect server on 127.0.0.1, the project's prefect.yaml deployed to a process work pool,
+two runs triggered through the API at once and executed by a worker: each becomes a DVC experiment with its
+outputs on the DVC remote, with named step tasks and metric artifacts read back through the Prefect API."""
 import json
 import os
 import signal
@@ -10,26 +11,33 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, wait_for_http, write_tiny_project
+from conftest import REPO, free_port, git_dvc_project, wait_for_http
 
 BIN = Path(sys.executable).parent
 
 
+def api(port, path, body=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/{path}", method="POST" if body is not None else "GET",
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
 @pytest.mark.slow
-def test_deployment_run_through_the_api_completes_the_pipeline(tmp_path):
+def test_two_deployment_runs_at_once_become_two_dvc_experiments(tmp_path):
     port = free_port()
+    project = git_dvc_project(tmp_path / "project")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "FEDDMMR_PROJECT_DIR": str(REPO),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
-    env.pop("FEDDMMR_PIPELINE_RUN", None)
-    project = tmp_path / "project"
-    project.mkdir()
-    write_tiny_project(project)
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for key in ("FEDDMMR_PIPELINE_RUN", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
 
     def prefect(*args, timeout=180):
         r = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=timeout)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return r.stdout
 
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -38,28 +46,33 @@ def test_deployment_run_through_the_api_completes_the_pipeline(tmp_path):
         wait_for_http(f"http://127.0.0.1:{port}/api/health", server, "prefect server")
         prefect("work-pool", "create", "feddmmr-process", "--type", "process")
         prefect("deploy", "--name", "process")
-        out = prefect("deployment", "run", "feddmmr-pipeline/process", "-p", f"project_dir={project}")
-        flow_run_id = next(line.split("UUID:")[1].strip() for line in out.splitlines() if "UUID:" in line)
-        prefect("worker", "start", "--pool", "feddmmr-process", "--run-once", timeout=300)
-        state = json.loads(urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/api/flow_runs/{flow_run_id}", timeout=10).read())["state"]["type"]
-        assert state == "COMPLETED"
-        metrics = json.loads((project / "metrics" / "pretrain_sasrec.json").read_text())
-        assert metrics["rounds_run"] == 2
-        assert (project / "features" / "text" / "features.safetensors").is_file()
-        assert (project / "checkpoints" / "pretrain_sasrec" / "model.safetensors").is_file()
-        assert json.loads((project / "metrics" / "finetune_moe.json").read_text())["rounds_run"] == 2
+        prefect("deploy", "--name", "nightly-ml1m")
+        runs = []
+        for rounds in (1, 2):
+            out = prefect("deployment", "run", "feddmmr-pipeline/process", "-p", f"project_dir={project}",
+                          "-p", f'overrides=["pretrain_sasrec.rounds={rounds}"]')
+            runs.append(next(line.split("UUID:")[1].strip() for line in out.splitlines() if "UUID:" in line))
+        prefect("worker", "start", "--pool", "feddmmr-process", "--run-once", "--limit", "2", timeout=500)
 
-        # the GPU deployment for the Docker work pool is accepted as declared (running it needs the image and a GPU)
-        prefect("work-pool", "create", "feddmmr-docker", "--type", "docker")
-        prefect("deploy", "--name", "docker-gpu")
-        deployments = json.loads(urllib.request.urlopen(urllib.request.Request(
-            f"http://127.0.0.1:{port}/api/deployments/filter", data=b"{}", method="POST",
-            headers={"Content-Type": "application/json"}), timeout=10).read())
-        gpu = next(d for d in deployments if d["name"] == "docker-gpu")
-        assert gpu["work_pool_name"] == "feddmmr-docker"
-        assert gpu["job_variables"]["container_create_kwargs"]["device_requests"][0]["Capabilities"] == [["gpu"]]
-        assert gpu["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/opt/feddmmr"
+        names = []
+        for run_id in runs:
+            run = api(port, f"flow_runs/{run_id}")
+            assert run["state"]["type"] == "COMPLETED", run["state"]["message"]
+            names.append(run["name"])
+            tasks = api(port, "task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+            assert {t["name"] for t in tasks} >= {"workspace", "prepare", "features-text", "train-pretrain_sasrec",
+                                                  "train-align_projectors", "train-finetune_moe", "save-experiment"}
+            arts = api(port, "artifacts/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+            by_key = {a["key"]: a["data"] for a in arts}
+            assert "| test | full |" in by_key["finetune-moe-metrics"] and "/#/experiments/" in by_key["finetune-moe-metrics"]
+            assert "| test sampled NDCG@10 |" in by_key["stage-comparison"]
+        experiments = subprocess.run([str(BIN / "dvc"), "exp", "list", "--name-only"], cwd=project, env=env,
+                                     capture_output=True, text=True).stdout.split()
+        assert sorted(experiments) == sorted(names)                    # both runs recorded, neither overwritten
+        assert any((tmp_path / "project-storage").rglob("*"))           # outputs pushed to the DVC remote
+
+        nightly = next(d for d in api(port, "deployments/filter", {}) if d["name"] == "nightly-ml1m")
+        assert nightly["parameters"]["dataset"] == "ml-1m-top1000" and nightly["parameters"]["overrides"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -178,3 +178,16 @@ def test_a_signal_during_a_store_write_waits_for_the_write(tmp_path, monkeypatch
     assert run.tracked_round == 0
     assert [m.value for m in run.client.get_metric_history(run.run_id, "loss")] == [1.5]
     assert run.client.get_run(run.run_id).info.status == "KILLED"
+
+
+def test_the_default_store_is_the_projects_even_from_a_dvc_temp_copy(tmp_path, monkeypatch):
+    """`dvc exp run --temp`, queued experiments and flow-run workspaces run in copies under <project>/.dvc/tmp/:
+    their MLflow runs land in the project's store, not in a folder that is deleted afterwards."""
+    from feddmmr.tracking import project_root, tracking_uri
+    copy = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "run" / "abc123"
+    copy.mkdir(parents=True)
+    assert project_root(copy) == tmp_path / "project"
+    assert project_root(tmp_path / "project") == tmp_path / "project"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(copy)
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'project' / 'mlruns.db'}"
