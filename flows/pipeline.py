@@ -154,12 +154,14 @@ def pipeline(overrides: list[str] | None = None, dataset: Dataset = "params", da
     all_overrides = dataset_overrides(dataset, data_root) + list(overrides or [])
     name = experiment_name(project, flow_run.name or "run", str(flow_run.id or "local"))
     ws = open_workspace(project, name, rev, all_overrides)
-    ran = {}
-    for step in STEPS:
-        ran[step] = step_task.with_options(name=task_name(step), task_run_name=task_name(step))(ws, step)
+    ran, previous = {}, []
+    for step in STEPS:   # in DVC's order, one after the other; wait_for draws the chain in the UI's graph
+        future = step_task.with_options(name=task_name(step), task_run_name=task_name(step)).submit(
+            ws, step, wait_for=previous)
+        ran[step], previous = future.result(), [future]
     stages = list(TRAIN_STEPS)
     metrics = {s: ws.read_json(f"metrics/{s}.json") for s in stages}
-    save_task(ws, stages)
+    save_task.submit(ws, stages, wait_for=previous).result()
     print(f"DVC experiment {name}: " + ", ".join(f"{s} {'ran' if ran[s] else 'restored'}" for s in STEPS))
     return {"experiment": name, "ran": [s for s in STEPS if ran[s]], "metrics": metrics}
 
