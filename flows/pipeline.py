@@ -168,13 +168,19 @@ def pipeline(overrides: list[str] | None = None, dataset: Dataset = "params", da
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--dataset", default="params", choices=["params", "demo", "ml-1m-top1000", "ml-100k"])
-    ap.add_argument("--data-root", default="")
-    ap.add_argument("--project-dir", default="")
-    ap.add_argument("--rev", default="HEAD")
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one parameter, as `dvc exp run -S` (repeatable)")
+    ap.add_argument("--dataset", default="params", choices=["params", "demo", "ml-1m-top1000", "ml-100k"],
+                    help="params: the committed params.yaml (default); the others set the prepare section")
+    ap.add_argument("--data-root", default="", help="folder with ml-1m/ and ml-100k/ (default: FEDDMMR_DATA_ROOT)")
+    ap.add_argument("--project-dir", default="",
+                    help="the project's git + DVC checkout (default: FEDDMMR_PROJECT_DIR, else the working directory)")
+    ap.add_argument("--rev", default="HEAD", help="commit to run (default: HEAD); uncommitted edits are not part of a run")
     args = ap.parse_args()
-    pipeline(args.overrides, args.dataset, args.data_root, args.project_dir, args.rev)
+    try:
+        pipeline(args.overrides, args.dataset, args.data_root, args.project_dir, args.rev)
+    except (FeddmmrError, StepFailed) as exc:
+        raise SystemExit(f"flows.pipeline: error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -46,10 +46,19 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1", **extra}
 
 
+def check_project(project: str | Path) -> Path:
+    project = Path(project).resolve()
+    if not (project / "dvc.yaml").is_file() or not (project / ".git").exists():
+        raise FeddmmrError(f"{project} is not a git + DVC project (dvc.yaml, .git); set project_dir or "
+                           f"FEDDMMR_PROJECT_DIR to the project checkout")
+    return project
+
+
 def experiment_name(project: Path, wanted: str, unique: str) -> str:
     """``wanted`` (the flow run's name), or ``wanted-<unique>`` when an experiment of that name exists."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", wanted).strip("-.") or "run"
-    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project, "listing experiments")
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], check_project(project),
+               "listing experiments")
     taken = {ref.rsplit("/", 1)[-1] for ref in refs.splitlines()}
     return name if name not in taken else f"{name}-{unique[:8]}"
 
@@ -63,10 +72,7 @@ class Workspace:
     @classmethod
     def open(cls, project: str | Path, name: str, rev: str = "HEAD") -> Workspace:
         """Clone ``rev`` of the project (or continue in the clone a retried run left)."""
-        ws = cls(project, name)
-        if not (ws.project / "dvc.yaml").is_file() or not (ws.project / ".git").exists():
-            raise FeddmmrError(f"{ws.project} is not a git + DVC project (dvc.yaml, .git); set project_dir or "
-                               f"FEDDMMR_PROJECT_DIR to the project checkout")
+        ws = cls(check_project(project), name)
         sha = run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], ws.project, f"resolving rev {rev!r}")
         if not (ws.path / ".git").is_dir():
             tmp = ws.path.with_name(f".{name}.partial")
