@@ -13,8 +13,6 @@ original item ids, oldest first: new users). Params: ``k`` (default 10), ``inclu
 from __future__ import annotations
 
 import csv
-import logging
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,10 +20,9 @@ import mlflow
 import pandas as pd
 
 from .errors import FeddmmrError
-from .modalities import NAMES
-from .recommend import COLUMNS, Recommender
+from .recommend import Recommender
+from .tracking import tracking_uri
 
-log = logging.getLogger("feddmmr")
 REGISTERED_MODEL = "feddmmr"
 CHAMPION = "champion"
 SELECTION = "best_val.full.NDCG_at_10"   # the MLflow metric the champion is chosen by
@@ -139,12 +136,12 @@ class LoadedModel:
 
     def __init__(self, uri: str):
         from mlflow.exceptions import MlflowException
-        from .tracking import tracking_uri
-        mlflow.set_tracking_uri(tracking_uri())
+        store = tracking_uri()
+        mlflow.set_tracking_uri(store)
         try:
             self.pyfunc = mlflow.pyfunc.load_model(uri)
         except MlflowException as exc:
-            raise FeddmmrError(f"MLflow model {uri} cannot be loaded from {tracking_uri()} ({_first_line(exc)}); "
+            raise FeddmmrError(f"MLflow model {uri} cannot be loaded from {store} ({_message(exc)}); "
                                f"see the registered versions in the MLflow UI, or train a stage with "
                                f"tracking.log_models: true") from None
 
@@ -154,8 +151,9 @@ class LoadedModel:
         try:
             return self.pyfunc.predict(frame, params={"k": k, "include_known": include_known})
         except MlflowException as exc:
-            raise FeddmmrError(_first_line(exc)) from None
+            raise FeddmmrError(_message(exc)) from None
 
 
-def _first_line(exc: BaseException) -> str:
+def _message(exc: BaseException) -> str:
+    """The first line of an MLflow error: the message our own one-line errors carry through the pyfunc."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -39,10 +39,10 @@ def project_root(cwd: str | Path | None = None) -> Path:
     return cwd
 
 
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else ``sqlite:///<project>/mlruns.db``: an absolute store, so runs made in a
-    temporary copy of the project land in the project's store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlruns.db'}"
+def tracking_uri(cwd: str | Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI``, else ``sqlite:///<project>/mlruns.db`` of the project ``cwd`` (default: the working
+    directory) belongs to: an absolute store, so runs made in a temporary copy of the project land in the project's."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(cwd) / 'mlruns.db'}"
 
 
 def _health(uri: str, timeout: float) -> str | None:

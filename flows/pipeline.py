@@ -102,10 +102,9 @@ def mlflow_link(ws: Workspace, stage: str) -> str:
     import mlflow
 
     from feddmmr.io import file_sha256
-    from feddmmr.tracking import EXPERIMENT, project_root
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(ws.path) / 'mlruns.db'}"
+    from feddmmr.tracking import EXPERIMENT, tracking_uri
     try:
-        client = mlflow.MlflowClient(uri)
+        client = mlflow.MlflowClient(tracking_uri(ws.path))
         exp = client.get_experiment_by_name(EXPERIMENT)
         sha = file_sha256(ws.path / "checkpoints" / stage / "model.safetensors")
         runs = client.search_runs([exp.experiment_id], filter_string=f"tags.checkpoint_sha256 = '{sha}'",
@@ -120,11 +119,11 @@ def mlflow_link(ws: Workspace, stage: str) -> str:
 
 
 @task(name="save-experiment", task_run_name="save-experiment", cache_policy=NO_CACHE)
-def save_task(ws: Workspace, stages: list[str]) -> str:
+def save_task(ws: Workspace, metrics: dict[str, dict]) -> str:
+    """Save and push the experiment; the stages' metrics (``metrics/<stage>.json``) side by side in the UI."""
     pushed = ws.save()
-    header = "| metric | " + " | ".join(stages) + " |"
-    rows = [header, "|---" * (len(stages) + 1) + "|"]
-    metrics = {s: ws.read_json(f"metrics/{s}.json") for s in stages}
+    stages = list(metrics)
+    rows = ["| metric | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
     for split in ("val", "test"):
         for protocol in PROTOCOLS:
             for name in ("HR@10", "NDCG@10"):
@@ -159,9 +158,8 @@ def pipeline(overrides: list[str] | None = None, dataset: Dataset = "params", da
         future = step_task.with_options(name=task_name(step), task_run_name=task_name(step)).submit(
             ws, step, wait_for=previous)
         ran[step], previous = future.result(), [future]
-    stages = list(TRAIN_STEPS)
-    metrics = {s: ws.read_json(f"metrics/{s}.json") for s in stages}
-    save_task.submit(ws, stages, wait_for=previous).result()
+    metrics = {s: ws.read_json(f"metrics/{s}.json") for s in TRAIN_STEPS}
+    save_task.submit(ws, metrics, wait_for=previous).result()
     print(f"DVC experiment {name}: " + ", ".join(f"{s} {'ran' if ran[s] else 'restored'}" for s in STEPS))
     return {"experiment": name, "ran": [s for s in STEPS if ran[s]], "metrics": metrics}
 

@@ -23,6 +23,7 @@ from typing import Callable
 
 from feddmmr.config import load_params, validate
 from feddmmr.errors import FeddmmrError
+from feddmmr.io import read_json
 
 BIN = Path(sys.executable).parent   # dvc and feddmmr of this environment
 
@@ -132,8 +133,7 @@ class Workspace:
         return not any(re.search(r"didn't change, skipping|restored from run-cache|is cached", ln) for ln in lines)
 
     def read_json(self, relative: str) -> dict:
-        import json
-        return json.loads((self.path / relative).read_text())
+        return read_json(self.path / relative, relative)
 
     def save(self) -> str:
         """Save the workspace as experiment ``name`` and push it: the git ref to the project, the outputs to
