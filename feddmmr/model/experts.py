@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 NEG = -1e9  # finite "minus infinity": a row with no visible slot gives zero weights instead of NaN
