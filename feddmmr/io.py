@@ -119,6 +119,22 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
                            f"the run diverged")
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        if metadata:
+            _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes ``__metadata__`` in hash order, different from run to run: rewrite it sorted, so that
+    the same tensors and metadata give the same bytes (and DVC the same output hash)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:   # the same keys and values, compact: never longer than what safetensors wrote
+            raise AssertionError(f"{path}: re-serialised safetensors header outgrew its {size} bytes")
+        f.seek(8)
+        f.write(text.ljust(size))
 
 
 def load_tensors(path: str | os.PathLike, what: str, fix: str) -> dict[str, torch.Tensor]:

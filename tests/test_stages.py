@@ -176,3 +176,21 @@ def test_which_groups_train_is_a_parameter(chain, tiny_prepared, tmp_path):
     with pytest.raises(FeddmmrError, match=r"finetune_moe.freeze names unknown groups \['decoder'\]"):
         train_stage("finetune_moe", p, tiny_prepared, tmp_path / "ck2", tmp_path / "m2.json", progress=False,
                     features_dir=root / "features", init_dir=root / "ck" / "align_projectors")
+
+
+def test_saved_tensors_are_byte_identical_whatever_the_metadata_order(tmp_path):
+    """safetensors orders __metadata__ by hash, differently from call to call: equal content must still give equal
+    bytes, or DVC sees a changed output (and every later stage reruns) after identical work."""
+    import torch
+
+    from feddmmr.io import load_tensors, save_tensors
+    tensors = {"features": torch.arange(12.0).reshape(3, 4), "mask": torch.tensor([False, True, True])}
+    meta = {f"key{i}": f"value {i} é" for i in range(8)}
+    for i in range(6):
+        save_tensors(tmp_path / f"{i}.safetensors", tensors, metadata=dict(reversed(meta.items())) if i % 2 else meta)
+    files = {(tmp_path / f"{i}.safetensors").read_bytes() for i in range(6)}
+    assert len(files) == 1
+    from safetensors import safe_open
+    with safe_open(tmp_path / "0.safetensors", "pt") as f:
+        assert f.metadata() == meta
+    assert all(load_tensors(tmp_path / "0.safetensors", "t", "")[k].equal(v) for k, v in tensors.items())
