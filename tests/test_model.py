@@ -171,3 +171,36 @@ def test_memory_slots_from_the_future_are_invisible_in_training():
     later = m(seq, cands, target_pos, torch.tensor([1, 2, 11]), torch.tensor([3, 4, 14]))[0]
     assert torch.equal(early[:, :5], later[:, :5])
     assert not torch.allclose(early[:, 5:], later[:, 5:])
+
+
+def test_candidate_scores_and_their_gradients_equal_the_plain_gather():
+    """GatherDot (embedding_bag / index_add backward) equals autograd through gather + mat-vec, alone and
+    under vmap(grad) with a per-client table and with one shared table."""
+    import torch.nn.functional as F
+    from torch.func import grad, vmap
+    from feddmmr.model.sasrec import GatherDot
+    torch.manual_seed(0)
+    plain = lambda E, h, c: (F.embedding(c, E) @ h.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    E = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(4, 5, 8, dtype=torch.float64, requires_grad=True)
+    c = torch.randint(0, 30, (4, 5, 6))
+    assert torch.autograd.gradcheck(lambda E, h: GatherDot.apply(E, h, c), (E, h))
+    Es, hs, cs = torch.randn(3, 30, 8), torch.randn(3, 4, 5, 8), torch.randint(0, 30, (3, 4, 5, 6))
+    for fn, E_dim in ((GatherDot.apply, 0), (GatherDot.apply, None)):
+        Ein = Es if E_dim == 0 else Es[0]
+        got = vmap(grad(lambda E, h, c: (fn(E, h, c) ** 2).sum(), argnums=(0, 1)), in_dims=(E_dim, 0, 0))(Ein, hs, cs)
+        want = vmap(grad(lambda E, h, c: (plain(E, h, c) ** 2).sum(), argnums=(0, 1)), in_dims=(E_dim, 0, 0))(Ein, hs, cs)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_zeroes_at_its_rate_and_keeps_the_expectation():
+    from feddmmr.model.sasrec import Dropout
+    drop = Dropout(0.2)
+    x = torch.ones(400, 256)
+    y = drop(x)
+    assert abs(float((y == 0).float().mean()) - 0.2) < 0.005
+    assert abs(float(y.mean()) - 1.0) < 0.01 and torch.allclose(y[y > 0], torch.tensor(1.25))
+    assert not torch.equal(y, drop(x))                       # fresh draws every call
+    drop.eval()
+    assert torch.equal(drop(x), x)

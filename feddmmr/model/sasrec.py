@@ -14,6 +14,30 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Dropout(nn.Module):
+    """Inverted dropout whose keep mask comes from 16-bit slices of 64-bit random draws.
+
+    Same semantics as ``nn.Dropout`` (zero with probability p, scale the rest by 1/(1-p)), with p
+    resolved to 1/65536; on CPU it draws a quarter of the random numbers ``nn.Dropout`` does (whose
+    per-element Bernoulli sampling took a quarter of a training step). Works under ``vmap``
+    (``randomness="different"``).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = -32768 + round(p * 65536)     # keep where a uniform int16 >= threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        d = x.shape[-1]
+        draws = torch.randint(-2 ** 63, 2 ** 63 - 1, x.shape[:-1] + ((d + 3) // 4,), dtype=torch.int64,
+                              device=x.device)
+        scale = (draws.view(torch.int16)[..., :d] >= self.threshold).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * scale                                                            # scale [..., d]: 0 or 1/(1-p)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, dropout: float):
         super().__init__()
@@ -22,7 +46,7 @@ class CausalSelfAttention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         # x [B, L, d]; allowed [B, L, L] (query, key) -> True where attention is allowed
@@ -44,8 +68,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(hidden)
         self.attn = CausalSelfAttention(hidden, heads, dropout)
         self.ln2 = nn.LayerNorm(hidden)
-        self.ffn = nn.Sequential(nn.Linear(hidden, ffn_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_hidden, hidden))
-        self.dropout = nn.Dropout(dropout)
+        self.ffn = nn.Sequential(nn.Linear(hidden, ffn_hidden), nn.GELU(), Dropout(dropout), nn.Linear(ffn_hidden, hidden))
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.ln1(x), allowed))
@@ -62,7 +86,7 @@ class SASRec(nn.Module):
         self.hidden = hidden
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)  # row 0 = padding
         self.pos_emb = nn.Embedding(max_seq_len, hidden)
-        self.emb_dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(Block(hidden, heads, ffn_hidden, dropout) for _ in range(blocks))
         self.final_ln = nn.LayerNorm(hidden)
         nn.init.normal_(self.item_emb.weight, std=hidden ** -0.5)
@@ -97,4 +121,65 @@ class SASRec(nn.Module):
 
 def score_items(item_weight: torch.Tensor, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Dot products of h [..., d] with the embeddings of candidate items [..., C] -> [..., C]."""
-    return (F.embedding(items, item_weight) @ h.unsqueeze(-1)).squeeze(-1)  # [..., C, d] @ [..., d, 1]
+    return GatherDot.apply(item_weight, h, items)
+
+
+class GatherDot(torch.autograd.Function):
+    """out[p, j] = <h[p], E[c[p, j]]>, with a backward that never forms the gathered [P, C, d] rows' gradient:
+    grad_h is an ``embedding_bag`` of E weighted by the output gradient, grad_E an ``index_add`` of the
+    weighted h. Training scores 1 + N candidates per target, so this is a third of a training step's work
+    in autograd's plain form (gather, batched mat-vec, embedding backward)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(E: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # E [R, d], h [..., d], c [..., C] -> [..., C]
+        return torch.bmm(F.embedding(c.reshape(-1, c.shape[-1]), E), h.reshape(-1, h.shape[-1], 1)).view(c.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        E, h, c = ctx.saved_tensors
+        C, d = c.shape[-1], h.shape[-1]
+        flat, gf = c.reshape(-1), g.reshape(-1, C)                                 # [P*C], [P, C]
+        grad_E = grad_h = None
+        if ctx.needs_input_grad[1]:
+            grad_h = WeightedBags.apply(E, c.reshape(-1, C), gf).view(h.shape)
+        if ctx.needs_input_grad[0]:
+            rows = (gf.unsqueeze(-1) * h.reshape(-1, 1, d)).reshape(-1, d)        # [P*C, d]
+            grad_E = torch.zeros_like(E).index_add(0, flat, rows)                 # out of place: vmap-safe
+        return grad_E, grad_h, None
+
+
+class WeightedBags(torch.autograd.Function):
+    """out[p] = sum_j w[p, j] E[c[p, j]]: E [R, d], c and w [P, C] -> [P, d], one ``embedding_bag`` call.
+
+    Its ``vmap`` rule stacks the clients' tables into one [a*R, d] table (each client's ids offset by
+    its row block) so a batch of clients is still one call. First-order only (used in a backward).
+    """
+
+    @staticmethod
+    def forward(E: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        starts = torch.arange(0, c.numel(), c.shape[-1], device=c.device)         # one bag of C rows per p
+        return F.embedding_bag(c.reshape(-1), E, starts, mode="sum", per_sample_weights=w.reshape(-1))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("WeightedBags is used inside a backward pass and has no gradient of its own")
+
+    @staticmethod
+    def vmap(info, in_dims, E, c, w):
+        a = info.batch_size
+        E, c, w = (x.movedim(d, 0) if d is not None else x.expand(a, *x.shape) for x, d in zip((E, c, w), in_dims))
+        R = E.shape[1]
+        offset = (torch.arange(a, device=c.device) * R).view(a, 1, 1)
+        out = WeightedBags.apply(E.reshape(a * R, -1), (c + offset).reshape(-1, c.shape[-1]),
+                                 w.reshape(-1, w.shape[-1]))
+        return out.view(a, -1, out.shape[-1]), 0

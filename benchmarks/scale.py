@@ -1,0 +1,250 @@
+"""Benchmark: how a federated round scales with clients and catalogue, this code against a baseline revision.
+
+For stage 1 (pretrain_sasrec) and stage 3 (finetune_moe) it prints seconds per round of 100 and of
+1,000 clients, the evaluation of all users, and the peak memory a round adds, on
+  top1000    ML-1M, the 1,000 most active users (3.6k items)            [../shared/data/ml-1m]
+  ml1m       all 6,040 ML-1M users
+  synthetic  100k items, 20k users, sequence lengths drawn from ML-1M's, Zipf item popularity
+  synthetic3k  the same users and lengths over 3.6k items: the catalogue's own cost is synthetic / synthetic3k
+Each measurement runs in a fresh process (so peak memory is its own), first for this checkout and then
+for ``--baseline REV`` checked out with ``git worktree`` (default: the revision before the sparse /
+thread-pool work), and the table shows both with their ratio. Stage 3 uses random text features
+(384-d, every item) and masked visual ones, as the pipeline does without posters; memories are warmed
+up as at the start of a stage. Executors: each revision's default for the device.
+
+    python benchmarks/scale.py [--device cpu|cuda] [--datasets top1000,ml1m,synthetic]
+                               [--stages pretrain_sasrec,finetune_moe] [--clients 100,1000]
+                               [--baseline REV | --no-baseline] [--no-eval]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = "2996b07"          # main before sparse item updates, the device round work and the thread pool
+DATASETS = ("top1000", "ml1m", "synthetic", "synthetic3k")
+CATALOGUE = {"synthetic": 100_000, "synthetic3k": 3_621}
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def synthetic_csv(path: Path, data_root: Path, users: int = 20_000, items: int = 100_000, seed: int = 0) -> Path:
+    """Interactions with ML-1M's per-user sequence lengths and a Zipf(1.1) item popularity."""
+    import numpy as np
+    import pandas as pd
+
+    if path.exists():
+        return path
+    tmp = path.with_suffix(".tmp")
+    lengths = pd.read_csv(data_root / "ml-1m" / "ratings.dat", sep="::", engine="python", header=None)[0].value_counts()
+    rng = np.random.default_rng(seed)
+    n = rng.choice(lengths.to_numpy(), size=users)
+    popularity = 1.0 / np.arange(1, items + 1) ** 1.1
+    rows = []
+    for u, k in enumerate(n):
+        chosen = rng.choice(items, size=min(int(k), items), replace=False, p=popularity / popularity.sum())
+        rows.append(pd.DataFrame({"user": u, "item": chosen + 1, "timestamp": np.arange(len(chosen))}))
+    pd.concat(rows).to_csv(tmp, index=False)
+    tmp.rename(path)                          # complete or absent
+    return path
+
+
+def prepared_dir(name: str, cache: Path, data_root: Path) -> Path:
+    from feddmmr.config import PrepareParams
+    from feddmmr.data import prepare
+
+    out = cache / f"{name}-prepared"
+    if out.exists():
+        return out
+    if name in CATALOGUE:
+        csv = synthetic_csv(cache / f"{name}.csv", data_root, items=CATALOGUE[name])
+        pp = PrepareParams(source="csv", path=str(csv))
+    else:
+        pp = PrepareParams(source="ml-1m", path=str(data_root / "ml-1m"), top_k_users=1000 if name == "top1000" else 0)
+    prepare(pp, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ one measurement
+
+class PeakRSS:
+    """Highest resident set size seen by a 5 ms sampler while the block runs, minus the RSS at its start."""
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.added_mb = (self.peak - self.start) / 2 ** 20
+
+
+def measure(args) -> dict:
+    """Runs inside the revision's checkout: one dataset, one stage, one client count."""
+    import torch
+
+    from feddmmr.client import EXECUTORS, ClientPool, warm_memories
+    from feddmmr.config import load_params
+    from feddmmr.data import load_prepared
+    from feddmmr.memory import MemoryBank, combined_features
+    from feddmmr.metrics import Evaluator
+    from feddmmr.model import group_of
+    from feddmmr.server import select_clients
+    from feddmmr.stages import build_model
+
+    params = load_params(None)
+    tp = getattr(params, args.stage)
+    device = torch.device(args.device)
+    data = load_prepared(args.prepared)
+    torch.manual_seed(0)
+    pool = ClientPool(data)
+    memory = None
+    if args.stage == "pretrain_sasrec":
+        model = build_model(params, data)
+    else:
+        text = torch.nn.functional.normalize(torch.randn(data.num_items + 1, 384), dim=-1)
+        have = torch.ones(data.num_items + 1, dtype=torch.bool)
+        have[0] = False
+        feats = {"visual": (torch.zeros(data.num_items + 1, 512), torch.zeros_like(have)), "text": (text, have)}
+        model = build_model(params, data, {"visual": 512, "text": 384})
+        model.set_features(feats)
+        memory = MemoryBank(data.num_users, params.memory, combined_features(feats))
+    model = model.to(device)
+    if memory is not None:
+        warm_memories(model, pool, memory, tp)
+    name = "sequential" if (tp.executor == "auto" and device.type == "cpu") else \
+        ("vectorized" if tp.executor == "auto" else tp.executor)
+    executor = EXECUTORS[name]
+    try:                                   # the thread pool of this checkout; a baseline may predate it
+        from feddmmr.runtime import ThreadPool
+        threads = ThreadPool(params.runtime.threads)
+    except (ImportError, AttributeError):
+        threads = None
+    trainable = {k for k, _ in model.named_parameters() if group_of(k) not in tp.freeze}
+    clients = select_clients(data.num_users, min(1.0, args.clients / data.num_users), 1, tp.seed)
+    model.train()
+    executor(model, clients[: min(8, len(clients))], pool, 0, tp, trainable, memory)    # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if threads is not None:
+        threads.update()
+    sync()
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        result = executor(model, clients, pool, 1, tp, trainable, memory)
+        sync()
+        seconds = time.perf_counter() - t0
+    out = {"seconds": seconds, "targets": int(pool.num_targets[clients].sum()), "clients": len(clients),
+           "steps": result.steps, "executor": name, "threads": torch.get_num_threads(),
+           "round_mb": rss.added_mb if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2 ** 20,
+           "users": data.num_users, "items": data.num_items}
+    if args.eval:
+        model.eval()
+        evaluator = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size)
+        sync()
+        t0 = time.perf_counter()
+        evaluator.evaluate(model, "val", memory)
+        sync()
+        out["eval_seconds"] = time.perf_counter() - t0
+    return out
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+def run_one(checkout: Path, prepared: Path, stage: str, clients: int, args) -> dict | None:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", "--prepared", str(prepared),
+           "--stage", stage, "--clients", str(clients), "--device", args.device] + ([] if args.eval else ["--no-eval"])
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        print(f"  ! {checkout.name} {stage} {clients}: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def baseline_checkout(rev: str, cache: Path) -> Path:
+    path = cache / f"baseline-{rev}"
+    if not path.exists():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True,
+                       capture_output=True)
+    return path
+
+
+def fmt(new: dict | None, old: dict | None, key: str, unit: str) -> str:
+    if new is None or key not in new:
+        return "-"
+    text = f"{new[key]:.2f}{unit}" if unit == " s" else f"{new[key]:.0f}{unit}"
+    if old is not None and key in old and new[key] > 0:
+        text += f" (was {old[key]:.2f}, {old[key] / new[key]:.1f}x)" if unit == " s" else f" (was {old[key]:.0f})"
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--stages", default="pretrain_sasrec,finetune_moe")
+    ap.add_argument("--clients", default="100,1000")
+    ap.add_argument("--baseline", default=BASELINE)
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--no-eval", dest="eval", action="store_false")
+    ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "feddmmr-scale"))
+    ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--prepared", help=argparse.SUPPRESS)
+    ap.add_argument("--stage", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        args.clients = int(args.clients)
+        print(json.dumps(measure(args)))
+        return
+    data_root, cache = Path(args.data_root), Path(args.cache)
+    if not (data_root / "ml-1m").is_dir():
+        sys.exit(f"{data_root / 'ml-1m'} not found: pass --data-root with the MovieLens-1M folder")
+    cache.mkdir(parents=True, exist_ok=True)
+    import torch
+    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} device={args.device} "
+          f"torch={torch.__version__} load average {os.getloadavg()[0]:.2f}")
+    print(f"command: {' '.join([sys.executable, *sys.argv])}")
+    base = None if args.no_baseline else baseline_checkout(args.baseline, cache)
+    print(f"this checkout: {REPO} vs baseline {args.baseline if base else '(none)'}")
+    print("| data | stage | clients | targets | round | round memory | evaluation | executor, threads |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.datasets.split(","):
+        prepared = prepared_dir(name, cache, data_root)
+        for stage in args.stages.split(","):
+            for n in (int(c) for c in args.clients.split(",")):
+                new = run_one(REPO, prepared, stage, n, args)
+                old = run_one(base, prepared, stage, n, args) if base else None
+                if new is None:
+                    continue
+                print(f"| {name} ({new['users']} users, {new['items']} items) | {stage} | {new['clients']} | "
+                      f"{new['targets']} | {fmt(new, old, 'seconds', ' s')} | {fmt(new, old, 'round_mb', ' MB')} | "
+                      f"{fmt(new, old, 'eval_seconds', ' s')} | {new['executor']}, {new['threads']} "
+                      f"(was {old['executor'] + ', ' + str(old['threads']) if old else '-'}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

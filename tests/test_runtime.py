@@ -1,0 +1,55 @@
+import time
+
+import pytest
+import torch
+
+from feddmmr import runtime
+from feddmmr.errors import FeddmmrError
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_the_thread_count_follows_the_cpus_other_processes_leave_free(monkeypatch):
+    monkeypatch.delenv(runtime.ENV, raising=False)
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 4)
+    clock = {"busy": 0.0}
+    monkeypatch.setattr(runtime, "_busy_seconds", lambda cpus: clock["busy"])
+    pool = runtime.ThreadPool(0)
+    assert pool.threads == torch.get_num_threads() == 4
+
+    def elapse(seconds: float, others_busy: float):
+        t0 = pool._sample()
+        time.sleep(seconds)
+        own = pool._sample()[1] - t0[1]
+        clock["busy"] += own + others_busy * seconds      # what /proc/stat would add: ours plus theirs
+
+    elapse(0.2, 2.0)                                      # another process keeps two CPUs busy
+    assert pool.update() == torch.get_num_threads() == 2
+    elapse(0.2, 3.9)
+    assert pool.update() == 1                             # never fewer than one
+    elapse(0.2, 0.0)                                      # it finished
+    assert pool.update() == 4
+    assert "4 torch threads" in pool.describe()
+
+
+def test_a_fixed_thread_count_wins_and_the_environment_wins_over_params(monkeypatch):
+    monkeypatch.setattr(runtime, "_busy_seconds", lambda cpus: 1e9 * time.monotonic())  # "fully loaded"
+    monkeypatch.delenv(runtime.ENV, raising=False)
+    assert runtime.ThreadPool(2).update() == torch.get_num_threads() == 2
+    monkeypatch.setenv(runtime.ENV, "1")
+    pool = runtime.ThreadPool(2)
+    time.sleep(0.06)
+    assert pool.update() == torch.get_num_threads() == 1 and "fixed" in pool.describe()
+    monkeypatch.setenv(runtime.ENV, "two")
+    with pytest.raises(FeddmmrError, match="FEDDMMR_THREADS='two' must be a whole number"):
+        runtime.ThreadPool(0)
+
+
+def test_usable_cpus_is_at_most_the_affinity_mask():
+    import os
+    assert 1 <= runtime.usable_cpus() <= len(os.sched_getaffinity(0))
