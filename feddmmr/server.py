@@ -22,6 +22,9 @@ class FedAvg:
     Averaging updates rather than weights keeps an untouched tensor exactly equal to the global one
     (a weighted mean of equal weights is off by rounding, which a server Adam would turn into a full
     step); tensors outside ``names`` (frozen) are returned bit-identical.
+
+    A client may send some tensors as rows: ``rows[k]`` holds the row indices of ``local[k]`` in the
+    global tensor (its local catalogue), and the update is added into those rows only.
     """
 
     def __init__(self, global_params: dict[str, torch.Tensor], names: list[str]):
@@ -29,16 +32,27 @@ class FedAvg:
         self.acc = {k: torch.zeros_like(global_params[k]) for k in names}
         self.total_w = 0.0
 
-    def add(self, local: dict[str, torch.Tensor], weight: float) -> None:
-        """One client's trained weights."""
+    def add(self, local: dict[str, torch.Tensor], weight: float, rows: dict[str, torch.Tensor] | None = None) -> None:
+        """One client's trained weights; ``rows[k]`` [R]: local[k] holds only those rows of the global tensor."""
         for k in self.names:
-            self.acc[k].add_(local[k].detach() - self.global_params[k], alpha=weight)
+            r = (rows or {}).get(k)
+            if r is None:
+                self.acc[k].add_(local[k].detach() - self.global_params[k], alpha=weight)
+            else:
+                self.acc[k].index_add_(0, r, local[k].detach() - self.global_params[k][r], alpha=weight)
         self.total_w += weight
 
-    def add_stacked(self, local: dict[str, torch.Tensor], weights: torch.Tensor) -> None:
-        """Several clients' trained weights stacked along dim 0 [a, ...], with weights [a]."""
+    def add_stacked(self, local: dict[str, torch.Tensor], weights: torch.Tensor,
+                    rows: dict[str, torch.Tensor] | None = None) -> None:
+        """Several clients' trained weights stacked along dim 0 [a, ...], with weights [a];
+        ``rows[k]`` [a, R]: each client's rows of the global tensor."""
         for k in self.names:
-            self.acc[k].add_(torch.tensordot(weights, local[k] - self.global_params[k], dims=1))
+            r = (rows or {}).get(k)
+            if r is None:
+                self.acc[k].add_(torch.tensordot(weights, local[k] - self.global_params[k], dims=1))
+            else:
+                delta = (local[k] - self.global_params[k][r]) * weights.view(-1, *[1] * (local[k].dim() - 1))
+                self.acc[k].index_add_(0, r.flatten(), delta.flatten(0, 1))
         self.total_w += float(weights.sum())
 
     def result(self) -> dict[str, torch.Tensor]:

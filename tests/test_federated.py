@@ -158,3 +158,47 @@ def test_trainable_tensor_without_gradient_stays_bit_identical_through_fedadam(s
     for k in ("projections.visual.weight", "projections.visual.bias", "experts.visual.value.weight"):
         assert torch.equal(after[k], before[k]), k
     assert not torch.equal(after["projections.text.weight"], before["projections.text.weight"])
+
+
+@pytest.mark.parametrize("executor", [train_round_sequential, train_round_vectorized])
+@pytest.mark.parametrize("optimizer, epochs", [("sgd", 1), ("adam", 2)])
+def test_local_catalogues_equal_the_dense_item_table(setup, executor, optimizer, epochs):
+    """Sparse item updates (each client trains the rows its round touches) give the dense aggregate;
+    rows no client touched come out bit-identical."""
+    data, pool = setup
+    params = tiny_params(local_epochs=epochs, optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 1e-3,
+                         num_negatives=2, clients_per_chunk=3)
+    params.model.dropout = 0.0
+    model = build_model(params, data)
+    clients = select_clients(data.num_users, 0.2, rnd=1, seed=0)
+    tp = params.pretrain_sasrec
+    dense = executor(model, clients, pool, 1, tp, None, None, sparse=False)
+    sparse = executor(model, clients, pool, 1, tp, None, None, sparse=True)
+    assert abs(dense.train_loss - sparse.train_loss) < 1e-5 and dense.steps == sparse.steps
+    for k in dense.state:
+        torch.testing.assert_close(sparse.state[k], dense.state[k], rtol=1e-5, atol=1e-6, msg=k)
+    table = "sasrec.item_emb.weight"
+    before = model.state_dict()[table]
+    untouched = (dense.state[table] == before).all(1)
+    touched = torch.zeros(data.num_items + 1, dtype=torch.bool)
+    for u in clients:
+        for b in pool.plan(u, 1, tp):
+            touched[torch.cat([b.x.flatten(), b.y.flatten(), b.neg.flatten()])] = True
+    assert untouched.sum() > 0 and bool((~touched[1:] <= untouched[1:]).all())
+    assert torch.equal(sparse.state[table][untouched], before[untouched])
+
+
+def test_a_client_weight_decay_trains_the_whole_item_table(setup):
+    """Weight decay shrinks every row, so a round with it uses the dense table by default."""
+    from feddmmr.client import use_sparse
+    tp = tiny_params(weight_decay=1e-4).pretrain_sasrec
+    assert not use_sparse(["sasrec.item_emb.weight"], tp)
+    assert use_sparse(["sasrec.final_ln.bias"], tp)
+    assert use_sparse(["sasrec.item_emb.weight"], tiny_params().pretrain_sasrec)
+
+
+def test_auto_executor_is_the_sequential_loop_on_cpu_and_the_stacked_one_on_gpu():
+    from feddmmr.client import resolve_executor
+    assert resolve_executor("auto", torch.device("cpu")) == "sequential"
+    assert resolve_executor("auto", torch.device("cuda")) == "vectorized"
+    assert resolve_executor("vectorized", torch.device("cpu")) == "vectorized"

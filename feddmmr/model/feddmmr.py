@@ -114,6 +114,15 @@ class FedDMMR(nn.Module):
                 self.covered[m] = bool(mask[1:].any())
             self.avail[0] = False
 
+    def item_buffers(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The item-indexed buffers restricted to ``rows`` [R] (global ids, 0 first): with the item table's
+        same rows they form a local catalogue in which item ``rows[j]`` is item j (``functional_call``)."""
+        if not self.multimodal:
+            return {}
+        out = {f"features_{m}": getattr(self, f"features_{m}")[rows] for m in self.modalities}
+        out["avail"] = self.avail[rows]
+        return out
+
     # ------------------------------------------------------------------ backbone
     def encode(self, seq: torch.Tensor) -> torch.Tensor:
         """seq [B, L] -> LN(seq) states [B, L, d]."""
@@ -188,8 +197,9 @@ class FedDMMR(nn.Module):
         target, mem_ids / mem_pos [K] the client's memory slots and the sequence index of their items.
         A slot is visible to a target only if its item came strictly earlier (no look-ahead).
         ``align=False`` skips the contrastive cosines (scoring only).
-        Returns logits [b, L, C] and aux: router weights of the positive [b, L, M] and the cosine of
-        each modality's projected positive feature with every candidate embedding [b, L, C, M].
+        Returns logits [b, L, C] and aux: router weights of the positive [b, L, M], which modalities the
+        positive has [b, L, M] and the cosine of each modality's projected positive feature with every
+        candidate embedding [b, L, C, M].
         """
         h = self.encode(seq)                                                                  # [b, L, d]
         base = score_items(self.sasrec.item_emb.weight, h, cands)                             # [b, L, C]
@@ -198,13 +208,14 @@ class FedDMMR(nn.Module):
         tables = self.tables()
         visible = (mem_ids > 0) & (mem_pos < target_pos.unsqueeze(-1))                       # [b, L, K]
         aux, w = self._enhance(tables, cands, mem_ids, visible)
+        extra = {"router": w[..., 0, :], "avail": F.embedding(cands[..., 0], self.avail.to(base.dtype))}
         if not align:
-            return base + self.gating_weight * aux, {"router": w[..., 0, :]}
+            return base + self.gating_weight * aux, extra
         E_c = F.normalize(F.embedding(cands, self.sasrec.item_emb.weight), dim=-1)            # [b, L, C, d]
         pos = cands[..., 0]                                                                   # [b, L]
         cosines = [(E_c @ F.normalize(self.project(m, pos), dim=-1).unsqueeze(-1)).squeeze(-1)
                    if self.covered[m] else torch.zeros_like(base) for m in self.modalities]  # M x [b, L, C]
-        return base + self.gating_weight * aux, {"router": w[..., 0, :], "align": torch.stack(cosines, -1)}
+        return base + self.gating_weight * aux, {**extra, "align": torch.stack(cosines, -1)}
 
     @torch.no_grad()
     def router_stats(self) -> dict[str, float]:

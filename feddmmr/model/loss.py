@@ -40,13 +40,13 @@ def batch_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tenso
     total = (per_pos * mask).sum() / mask.sum().clamp(min=1.0)
     surprise = 1.0 - torch.softmax(logits.detach(), -1)[..., 0]               # [b, L]
     if extra:
-        total = _add_multimodal_terms(total, model, extra, y, mask, surprise, tp)
+        total = _add_multimodal_terms(total, extra, mask, surprise, tp)
     return total, surprise
 
 
-def _add_multimodal_terms(total: torch.Tensor, model: nn.Module, extra: dict, y: torch.Tensor, mask: torch.Tensor,
+def _add_multimodal_terms(total: torch.Tensor, extra: dict, mask: torch.Tensor,
                           surprise: torch.Tensor, tp: TrainParams) -> torch.Tensor:
-    avail = F.embedding(y, model.avail.to(mask.dtype)) * mask.unsqueeze(-1)   # [b, L, M] positive has modality
+    avail = extra["avail"] * mask.unsqueeze(-1)                               # [b, L, M] positive has modality
     cw = getattr(tp, "contrastive_weight", 0.0)
     if cw:
         a = extra["align"] / tp.contrastive_temperature                        # [b, L, C, M]
