@@ -62,7 +62,7 @@ class TrainParams:
     patience: int = 15               # rounds without improvement before stopping
     selection_metric: str = "full/NDCG@10"
     keep: str = "best"               # checkpoint keeps the best validation round | the last round
-    executor: str = "vectorized"     # vectorized | sequential (reference)
+    executor: str = "auto"           # auto (sequential on CPU, vectorized on GPU) | vectorized | sequential
     device: str = "auto"             # auto (cuda when available) | cpu | cuda
     clients_per_chunk: int = 8       # clients trained together in one vectorized call (8 is fastest on a 2-core CPU)
     seed: int = 42
@@ -133,6 +133,11 @@ class TrackingParams:
 
 
 @dataclass
+class RuntimeParams:
+    threads: int = 0                 # torch CPU threads: 0 = the CPUs left free by other processes; env FEDDMMR_THREADS wins
+
+
+@dataclass
 class Params:
     prepare: PrepareParams = field(default_factory=PrepareParams)
     model: ModelParams = field(default_factory=ModelParams)
@@ -145,6 +150,7 @@ class Params:
     align_projectors: MultimodalTrainParams = field(default_factory=_align_defaults)
     finetune_moe: MultimodalTrainParams = field(default_factory=_finetune_defaults)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,6 +219,7 @@ RANGES: dict[str, tuple[str, Any]] = {
     "gate_start": ("null or a number", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
     "freeze": ("a list of parameter group names", lambda v: isinstance(v, list) and all(isinstance(g, str) for g in v)),
     "prepare.top_k_users": (">= 0 (0 = all users)", lambda v: v >= 0),
+    "runtime.threads": (">= 0 (0 = follow the free CPUs)", lambda v: v >= 0),
     "prepare.min_user_interactions": (">= 3 (leave-one-out needs train, validation and test items)", lambda v: v >= 3),
     "prepare.max_seq_len": (">= 2", lambda v: v >= 2),
     "prepare.eval_negatives": (">= 0 (negatives of the sampled protocol; 0 turns that protocol off)",

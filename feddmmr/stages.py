@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .client import CLIENT_OPTIMIZERS, EXECUTORS, ClientPool, warm_memories
+from .client import CLIENT_OPTIMIZERS, EXECUTORS, ClientPool, resolve_executor, warm_memories
 from .config import MemoryParams, MultimodalTrainParams, Params, TrainParams, resolve_device, validate
 from .data import Prepared, load_prepared
 from .errors import DivergedError, FeddmmrError, TrackingIncomplete
@@ -48,6 +48,7 @@ from .model import GROUPS, FedDMMR, FedDMMRConfig, group_of
 from .model.loss import LOSSES
 from .modalities import NAMES
 from .resume import Progress, ResumeState, code_sha256, rng_state, set_rng_state
+from .runtime import ThreadPool
 from .server import SERVER_OPTIMIZERS, ServerOptimizer, select_clients
 from .tracking import StageRun, flatten, stage_diff
 
@@ -153,8 +154,8 @@ def _check_same_data(ckpt_dir: Path, config: dict, data: Prepared) -> None:
 
 def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
     """Choices of a training section (ranges are checked with every parameter by ``config.validate``)."""
-    if tp.executor not in EXECUTORS:
-        raise FeddmmrError(f"{stage}.executor must be one of {', '.join(EXECUTORS)}, got {tp.executor!r}")
+    if tp.executor not in ("auto", *EXECUTORS):
+        raise FeddmmrError(f"{stage}.executor must be one of auto, {', '.join(EXECUTORS)}, got {tp.executor!r}")
     for key, allowed in (("optimizer", CLIENT_OPTIMIZERS), ("server_optimizer", SERVER_OPTIMIZERS), ("loss", LOSSES)):
         if getattr(tp, key) not in allowed:
             raise FeddmmrError(f"{stage}.{key} must be one of {', '.join(allowed)}, got {getattr(tp, key)!r}")
@@ -206,6 +207,7 @@ class Setup:
     trainable: set[str]
     report: dict | None        # load report (stages 2-3)
     config: dict               # written as config.json
+    threads: ThreadPool        # torch's CPU threads, re-sized to the free CPUs each round
 
 
 def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
@@ -341,7 +343,7 @@ def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, da
     config = _checkpoint_config(stage, spec, params, tp, data, data_dir, model, report, feature_sha)
     trainable = {k for k, _ in model.named_parameters() if group_of(k) not in tp.freeze}
     return Setup(stage, spec, tp, data, model, memory, pool, Evaluator(data, params.evaluation.ks,
-                 params.evaluation.batch_size), server, trainable, report, config)
+                 params.evaluation.batch_size), server, trainable, report, config, ThreadPool(params.runtime.threads))
 
 
 def _continue_memories(stage: str, memory: MemoryBank, init_dir: Path | None) -> None:
@@ -427,7 +429,9 @@ def _fit(setup: Setup, state: Progress, parts: dict | None, resume: ResumeState,
         tracker.sync(record, state.round)
     if setup.report is not None:
         tracker.log_dict(setup.report, "load_report.json")
-    executor = EXECUTORS[tp.executor]
+    name = resolve_executor(tp.executor, next(model.parameters()).device)
+    executor = EXECUTORS[name]
+    log.info("%s: %s executor, %s", stage, name, setup.threads.describe())
     with logging_redirect_tqdm():
         bar = tqdm(range(state.round + 1, tp.rounds + 1), desc=stage, unit="round", disable=not progress,
                    dynamic_ncols=True, initial=state.round, total=tp.rounds)
@@ -458,6 +462,7 @@ def _round(setup: Setup, state: Progress, rnd: int, executor, best: tuple) -> tu
     """One federated round: selected clients train locally, the server aggregates, all users validate."""
     stage, tp, model, memory = setup.stage, setup.tp, setup.model, setup.memory
     t0 = time.perf_counter()
+    setup.threads.update()
     clients = select_clients(setup.data.num_users, tp.client_fraction, rnd, tp.seed)
     model.train()
     result = executor(model, clients, setup.pool, rnd, tp, setup.trainable, memory)

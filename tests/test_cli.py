@@ -34,7 +34,8 @@ def test_prepare_train_evaluate_end_to_end(tmp_path, tiny_csv):
     assert r.returncode == 0, r.stderr
     assert "prepared" in r.stdout and (data / "sequences.npz").is_file()
     r = feddmmr("-q", "train", "--data", str(data), "--out", str(ckpt), "--metrics", str(metrics), *TINY,
-                "-S", "pretrain_sasrec.rounds=4", "-S", "pretrain_sasrec.lr=0.5", cwd=tmp_path)  # peaks before the end
+                "-S", "pretrain_sasrec.rounds=4", "-S", "pretrain_sasrec.lr=0.5", "-S", "pretrain_sasrec.server_lr=0.3",
+                cwd=tmp_path)  # a large server step: validation peaks before the last round
     assert r.returncode == 0, r.stderr
     m = json.loads(metrics.read_text())
     assert set(m["test"]) == {"full", "sampled"} and 0 <= m["test"]["full"]["HR@10"] <= 1
