@@ -133,8 +133,11 @@ def measure(args) -> dict:
     model = model.to(device)
     if memory is not None:
         warm_memories(model, pool, memory, tp)
-    name = "sequential" if (tp.executor == "auto" and device.type == "cpu") else \
-        ("vectorized" if tp.executor == "auto" else tp.executor)
+    try:
+        from feddmmr.client import resolve_executor
+        name = resolve_executor(tp.executor, device)
+    except ImportError:                    # a baseline before `executor: auto`: its default is explicit
+        name = tp.executor
     executor = EXECUTORS[name]
     try:                                   # the thread pool of this checkout; a baseline may predate it
         from feddmmr.runtime import ThreadPool

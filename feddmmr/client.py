@@ -15,8 +15,8 @@ Item embeddings are updated sparsely: a client trains on its *local catalogue*, 
 its round touches (inputs, targets, negatives, memory slots), so its copy, gradient, optimizer state
 and update are [R, d] rather than [I+1, d], and the server adds the update into those rows only. The
 result equals the dense computation (an untouched row has zero gradient, so neither SGD nor Adam moves
-it); only client weight decay, which shrinks every row, needs the whole table (``sparse=False``). The loss is the model's
-(``model.loss.batch_loss``); this module knows nothing of its terms.
+it); only client weight decay, which shrinks every row, needs the whole table (``sparse=False``).
+The loss is the model's (``model.loss.batch_loss``); this module knows nothing of its terms.
 """
 from __future__ import annotations
 
@@ -136,6 +136,11 @@ class LocalCatalogue:
         return rows, local, self.index[mem_ids]
 
 
+def local_tables(model: nn.Module, params: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The item table's rows and the model's item buffers for local catalogue(s) ``rows`` [R] or [a, R]."""
+    return {ITEM_TABLE: params[ITEM_TABLE][rows], **model.item_buffers(rows)}
+
+
 def use_sparse(names: list[str], tp: TrainParams) -> bool:
     """Local catalogues unless client weight decay must shrink every row of a trained item table."""
     return not (ITEM_TABLE in names and tp.weight_decay)
@@ -211,13 +216,6 @@ class _Client:
         if catalogue is not None:
             self.rows, self.batches, self.local_mem = catalogue.build(plan, mem_ids)
 
-    def catalogue(self, model: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The item table's rows and the model's item buffers of the local catalogue ({} when dense)."""
-        if self.rows is None:
-            return {}
-        rows = self.rows.to(params[ITEM_TABLE].device)
-        return {ITEM_TABLE: params[ITEM_TABLE][rows], **model.item_buffers(rows)}
-
 
 class _Observations:
     """Targets and surprises of the last local epoch, handed to the memory after local training."""
@@ -260,7 +258,8 @@ def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPoo
     loss_sum, steps = 0.0, 0
     obs = _Observations()
     for c in _clients(clients, pool, rnd, tp, memory, sparse):
-        fixed = {**global_params, **c.catalogue(model, global_params)}
+        rows = None if c.rows is None else c.rows.to(device)
+        fixed = {**global_params, **({} if rows is None else local_tables(model, global_params, rows))}
         local = {k: fixed[k].clone().requires_grad_(True) for k in names}
         opt = make_optimizer([local[k] for k in names], tp)
         mem_ids, mem_pos = c.local_mem.to(device), c.mem_pos.to(device)
@@ -276,7 +275,7 @@ def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPoo
                 obs.add(c.u, orig.y, orig.pos, surprise)
             steps += 1
         w = float(pool.num_targets[c.u])
-        agg.add(local, w, None if c.rows is None else {ITEM_TABLE: c.rows.to(device)})
+        agg.add(local, w, None if rows is None else {ITEM_TABLE: rows})
         loss_sum += w * float(np.mean(losses))
     writes, s_sum, n = obs.flush(memory)
     return RoundResult(agg.result(), loss_sum / agg.total_w, len(clients), steps,
@@ -290,15 +289,12 @@ def _padded_rows(chunk: list[_Client]) -> torch.Tensor:
 
 
 def _train_chunk(grad_fn, model: nn.Module, global_params: dict[str, torch.Tensor], names: list[str],
-                 chunk: list[_Client], tp: TrainParams, obs: _Observations):
-    """Train a chunk of clients together, stacked along dim 0. Returns their trained tensors [a, ...],
-    mean local loss [a] and local steps."""
+                 chunk: list[_Client], rows: torch.Tensor | None, tp: TrainParams, obs: _Observations):
+    """Train a chunk of clients together, stacked along dim 0 (``rows`` [a, R]: their local catalogues, or
+    None: dense). Returns their trained tensors [a, ...], mean local loss [a] and local steps."""
     device = next(iter(global_params.values())).device
     a_all = len(chunk)
-    cat = {}
-    if chunk[0].rows is not None:
-        rows = _padded_rows(chunk).to(device)
-        cat = {ITEM_TABLE: global_params[ITEM_TABLE][rows], **model.item_buffers(rows)}   # [a, R, ...]
+    cat = {} if rows is None else local_tables(model, global_params, rows)                  # [a, R, ...]
     P = {k: cat[k] if k in cat else global_params[k].unsqueeze(0).repeat((a_all,) + (1,) * global_params[k].dim())
          for k in names}
     fixed = {k: v for k, v in cat.items() if k not in names}
@@ -350,8 +346,9 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
         chunk = _clients(clients[lo: lo + tp.clients_per_chunk], pool, rnd, tp, memory, sparse)
         chunk.sort(key=lambda c: -len(c.plan))   # the clients still training at step s are a prefix
         w = pool.num_targets[torch.tensor([c.u for c in chunk])].to(device=device, dtype=torch.float32)
-        P, mean_loss, n = _train_chunk(grad_fn, model, global_params, names, chunk, tp, obs)
-        agg.add_stacked(P, w, None if chunk[0].rows is None else {ITEM_TABLE: _padded_rows(chunk).to(device)})
+        rows = _padded_rows(chunk).to(device) if sparse else None
+        P, mean_loss, n = _train_chunk(grad_fn, model, global_params, names, chunk, rows, tp, obs)
+        agg.add_stacked(P, w, None if rows is None else {ITEM_TABLE: rows})
         loss_sum += float((w * mean_loss).sum())
         steps += n
     writes, s_sum, n = obs.flush(memory)
