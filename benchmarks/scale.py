@@ -19,6 +19,7 @@ up as at the start of a stage. Executors: each revision's default for the device
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -76,8 +77,14 @@ def prepared_dir(name: str, cache: Path, data_root: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ one measurement
 
-class PeakRSS:
-    """Highest resident set size seen by a 5 ms sampler while the block runs, minus the RSS at its start."""
+class PeakMemory:
+    """Highest resident memory of this process and its worker processes seen by a 20 ms sampler while the
+    block runs, minus the memory at its start: what the block allocates, wherever it runs. (Resident sizes
+    from statm: cheap to read. Proportional sizes from smaps_rollup walk every mapping and slowed the
+    round itself by a third.)"""
+
+    def __init__(self, pids: list[int]):
+        self.pids = [os.getpid(), *pids]
 
     def __enter__(self):
         self.start = self.peak = self._rss()
@@ -87,10 +94,11 @@ class PeakRSS:
         return self
 
     def _rss(self) -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        pages = sum(int(Path(f"/proc/{pid}/statm").read_text().split()[1]) for pid in self.pids)
+        return pages * os.sysconf("SC_PAGE_SIZE")
 
     def _watch(self):
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.02):
             self.peak = max(self.peak, self._rss())
 
     def __exit__(self, *exc):
@@ -133,34 +141,41 @@ def measure(args) -> dict:
     model = model.to(device)
     if memory is not None:
         warm_memories(model, pool, memory, tp)
-    try:
-        from feddmmr.client import resolve_executor
-        name = resolve_executor(tp.executor, device)
-    except ImportError:                    # a baseline before `executor: auto`: its default is explicit
-        name = tp.executor
-    executor = EXECUTORS[name]
-    try:                                   # the thread pool of this checkout; a baseline may predate it
+    stack = contextlib.ExitStack()
+    try:                                   # this checkout's executor and CPU pool; a baseline may predate them
         from feddmmr.runtime import ThreadPool
         threads = ThreadPool(params.runtime.threads)
     except (ImportError, AttributeError):
         threads = None
+    try:
+        from feddmmr.workers import round_executor
+        chosen = round_executor(tp.executor, model, pool, threads, stack)
+        executor, name = chosen.run, chosen.name + (" on workers" if chosen.workers else "")
+        pids = [proc.pid for proc in chosen.workers.procs] if chosen.workers else []
+    except ImportError:
+        try:
+            from feddmmr.client import resolve_executor
+            name = resolve_executor(tp.executor, device)
+        except ImportError:                # before `executor: auto` the default was explicit
+            name = tp.executor
+        executor, pids = EXECUTORS[name], []
     trainable = {k for k, _ in model.named_parameters() if group_of(k) not in tp.freeze}
     clients = select_clients(data.num_users, min(1.0, args.clients / data.num_users), 1, tp.seed)
     model.train()
-    executor(model, clients[: min(8, len(clients))], pool, 0, tp, trainable, memory)    # warm-up
+    executor(model, clients, pool, 0, tp, trainable, memory)    # warm-up: every worker's first allocations
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if threads is not None:
         threads.update()
     sync()
-    with PeakRSS() as rss:
+    with PeakMemory(pids) as rss:
         t0 = time.perf_counter()
         result = executor(model, clients, pool, 1, tp, trainable, memory)
         sync()
         seconds = time.perf_counter() - t0
     out = {"seconds": seconds, "targets": int(pool.num_targets[clients].sum()), "clients": len(clients),
-           "steps": result.steps, "executor": name, "threads": torch.get_num_threads(),
+           "steps": result.steps, "executor": name, "threads": len(pids) or torch.get_num_threads(),
            "round_mb": rss.added_mb if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2 ** 20,
            "users": data.num_users, "items": data.num_items}
     if args.eval:
@@ -171,6 +186,7 @@ def measure(args) -> dict:
         evaluator.evaluate(model, "val", memory)
         sync()
         out["eval_seconds"] = time.perf_counter() - t0
+    stack.close()
     return out
 
 

@@ -32,7 +32,7 @@ from .data import Prepared, left_pad
 from .errors import FeddmmrError
 from .memory import MemoryBank
 from .model.loss import batch_loss
-from .server import FedAvg
+from .server import FedAvg, PartialSum
 
 CLIENT_OPTIMIZERS = ("sgd", "adam")   # the local optimizer, fresh every round
 ADAM_BETAS = (0.9, 0.999)
@@ -227,6 +227,10 @@ class _Observations:
         real = y > 0
         self.items.setdefault(u, []).append((y[real].cpu(), pos[real].cpu(), surprise[real].detach().float().cpu()))
 
+    def extend(self, other: "_Observations") -> None:
+        for u, parts in other.items.items():
+            self.items.setdefault(u, []).extend(parts)
+
     def flush(self, memory: MemoryBank | None) -> tuple[int, float, int]:
         writes, s_sum, n = 0, 0.0, 0
         for u, parts in self.items.items():
@@ -244,26 +248,33 @@ def _clients(users: list[int], pool: ClientPool, rnd: int, tp: TrainParams, memo
     return [_Client(u, pool.plan(u, rnd, tp), mem_ids[i], mem_pos[i], catalogue) for i, u in enumerate(users)]
 
 
-def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPool, rnd: int, tp: TrainParams,
-                           trainable: set[str] | None = None, memory: MemoryBank | None = None,
-                           sparse: bool | None = None) -> RoundResult:
-    """Reference executor: one client at a time with torch.optim, then FedAvg.
+@dataclass
+class ChunkResult:
+    """What a chunk of clients trained one after another sends back: their summed update and statistics."""
+    update: PartialSum          # sum_i w_i (p_i - global), over the rows the clients touched
+    loss_sum: float             # sum_i w_i * mean local loss of client i
+    steps: int
+    observed: _Observations     # last-epoch targets and surprises, for the memory
 
-    ``sparse``: train on local catalogues (default: unless weight decay needs the whole item table).
-    """
-    global_params, names = _split_params(model, trainable)
+
+def dropout_seed(seed: int, rnd: int, u: int) -> int:
+    """Client u's dropout stream in round ``rnd``: the same wherever (which process, which position) it trains."""
+    return int(np.random.SeedSequence([seed, rnd, u, 1]).generate_state(1)[0])
+
+
+def _train_client(model: nn.Module, global_params: dict[str, torch.Tensor], names: list[str], c: _Client,
+                  rnd: int, tp: TrainParams, obs: _Observations) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """One client's local epochs with torch.optim; returns its trained tensors and per-step losses."""
     device = next(iter(global_params.values())).device
-    sparse = use_sparse(names, tp) if sparse is None else sparse
-    agg = FedAvg(global_params, names)
-    loss_sum, steps = 0.0, 0
-    obs = _Observations()
-    for c in _clients(clients, pool, rnd, tp, memory, sparse):
-        rows = None if c.rows is None else c.rows.to(device)
-        fixed = {**global_params, **({} if rows is None else local_tables(model, global_params, rows))}
-        local = {k: fixed[k].clone().requires_grad_(True) for k in names}
-        opt = make_optimizer([local[k] for k in names], tp)
-        mem_ids, mem_pos = c.local_mem.to(device), c.mem_pos.to(device)
-        losses = []
+    rows = None if c.rows is None else c.rows.to(device)
+    fixed = {**global_params, **({} if rows is None else local_tables(model, global_params, rows))}
+    local = {k: fixed[k].clone().requires_grad_(True) for k in names}
+    opt = make_optimizer([local[k] for k in names], tp)
+    mem_ids, mem_pos = c.local_mem.to(device), c.mem_pos.to(device)
+    losses = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        gen = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+        gen.manual_seed(dropout_seed(tp.seed, rnd, c.u))                # the generator dropout draws from
         for b, orig in zip(c.batches, c.plan):
             opt.zero_grad()
             loss, surprise = batch_loss(model, {**fixed, **local}, b.x.to(device), b.y.to(device), b.pos.to(device),
@@ -273,13 +284,53 @@ def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPoo
             losses.append(loss.item())
             if b.last_epoch:
                 obs.add(c.u, orig.y, orig.pos, surprise)
-            steps += 1
-        w = float(pool.num_targets[c.u])
-        agg.add(local, w, None if rows is None else {ITEM_TABLE: rows})
+    return local, losses
+
+
+def train_chunk_sequential(model: nn.Module, users: list[int], mem_ids: torch.Tensor, mem_pos: torch.Tensor,
+                           pool: ClientPool, rnd: int, tp: TrainParams, names: list[str], sparse: bool) -> ChunkResult:
+    """Clients ``users`` (memory slots ``mem_ids`` / ``mem_pos`` [n, K]) trained one after another from the
+    model's current weights; their updates summed in order."""
+    global_params = {k: v.detach() for k, v in model.named_parameters()}
+    device = next(iter(global_params.values())).device
+    part, obs = PartialSum(global_params, names), _Observations()
+    loss_sum, steps = 0.0, 0
+    for i, u in enumerate(users):
+        c = _Client(u, pool.plan(u, rnd, tp), mem_ids[i], mem_pos[i], pool.catalogue if sparse else None)
+        local, losses = _train_client(model, global_params, names, c, rnd, tp, obs)
+        w = float(pool.num_targets[u])
+        part.add(local, w, None if c.rows is None else {ITEM_TABLE: c.rows.to(device)})
         loss_sum += w * float(np.mean(losses))
+        steps += len(losses)
+    return ChunkResult(part.finish(), loss_sum, steps, obs)
+
+
+def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPool, rnd: int, tp: TrainParams,
+                           trainable: set[str] | None = None, memory: MemoryBank | None = None,
+                           sparse: bool | None = None, workers=None) -> RoundResult:
+    """Reference executor: one client at a time with torch.optim, in chunks of ``clients_per_chunk`` whose
+    summed updates the server adds in order (FedAvg).
+
+    ``sparse``: train on local catalogues (default: unless weight decay needs the whole item table).
+    ``workers``: a ``workers.Workers`` pool that trains the chunks in parallel processes, with the same result.
+    """
+    global_params, names = _split_params(model, trainable)
+    sparse = use_sparse(names, tp) if sparse is None else sparse
+    mem_ids, mem_pos = _memory_slots(memory, clients)
+    size = tp.clients_per_chunk
+    chunks = [(clients[lo: lo + size], mem_ids[lo: lo + size], mem_pos[lo: lo + size])
+              for lo in range(0, len(clients), size)]
+    if workers is None:
+        results = [train_chunk_sequential(model, *chunk, pool, rnd, tp, names, sparse) for chunk in chunks]
+    else:
+        results = workers.map(rnd, chunks, tp, names, sparse)
+    agg, obs = FedAvg(global_params, names), _Observations()
+    for r in results:
+        agg.add_partial(r.update)
+        obs.extend(r.observed)
     writes, s_sum, n = obs.flush(memory)
-    return RoundResult(agg.result(), loss_sum / agg.total_w, len(clients), steps,
-                       writes, s_sum / max(n, 1))
+    return RoundResult(agg.result(), sum(r.loss_sum for r in results) / agg.total_w, len(clients),
+                       sum(r.steps for r in results), writes, s_sum / max(n, 1))
 
 
 def _padded_rows(chunk: list[_Client]) -> torch.Tensor:

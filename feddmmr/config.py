@@ -134,7 +134,8 @@ class TrackingParams:
 
 @dataclass
 class RuntimeParams:
-    threads: int = 0                 # torch CPU threads: 0 = the CPUs left free by other processes; env FEDDMMR_THREADS wins
+    threads: int = 0                 # CPUs: training worker processes and evaluation threads; 0 = every usable CPU
+                                     # for training, the free ones for evaluation; env FEDDMMR_THREADS wins
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""How many CPU threads torch uses, sized to the CPUs this process can really have.
+"""How many CPUs training uses, sized to the CPUs this process can really have.
 
 torch starts one OpenMP thread per core and every parallel op waits for all of them. When another
 process holds one of those cores (a second pipeline step, a test run, another user), each op waits
@@ -6,11 +6,17 @@ for the thread that shares a core: on the 2-core machine a round of 100 clients 
 of 1.7 s with two threads, and 2.1 s with one. A passive wait policy does not cure it (2.5 s loaded)
 and costs the idle machine (3.4 s), because the threads sleep between the many small ops of a round.
 
-So the thread count follows the free CPUs: ``ThreadPool.update`` (called at each round start) counts
-the CPU time other processes used on this process's CPUs since the last call (``/proc/stat`` minus
-this process's own time) and sets ``free CPUs = usable - busy``, at least one. Usable CPUs are the
-affinity mask, capped by a cgroup CPU quota. ``runtime.threads`` in params.yaml or the environment
-variable ``FEDDMMR_THREADS`` fixes the count instead (the variable wins).
+So CPU training runs one worker process per usable CPU with one torch thread each (``workers``): the
+processes never wait on each other within a round, and a busy core slows the round only by the time it
+takes from it. Usable CPUs are the affinity mask, capped by a cgroup CPU quota.
+
+Evaluation (and the vectorized executor) run in the training process itself, whose thread count
+follows the free CPUs: ``ThreadPool.update`` (called at each round start) counts the CPU time other
+processes used on this process's CPUs since the last call (``/proc/stat`` minus this process's own
+time) and sets ``free CPUs = usable - busy``, at least one.
+
+``runtime.threads`` in params.yaml or the environment variable ``FEDDMMR_THREADS`` fixes both counts
+instead (the variable wins); 1 trains in the process itself.
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ def usable_cpus() -> int:
 
 
 def requested_threads(param: int = 0) -> int:
-    """The fixed thread count asked for (FEDDMMR_THREADS, else ``runtime.threads``); 0 = follow the free CPUs."""
+    """The fixed CPU count asked for (FEDDMMR_THREADS, else ``runtime.threads``); 0 = size it to the CPUs."""
     raw = os.environ.get(ENV, "").strip()
     if not raw:
         return param
@@ -96,6 +102,10 @@ class ThreadPool:
             self.threads = self._set(max(1, min(self.usable, round(self.usable - self.others))))
         self._last = now
         return self.threads
+
+    def processes(self) -> int:
+        """Worker processes for CPU training: the fixed count, else every usable CPU."""
+        return self.fixed or self.usable
 
     def describe(self) -> str:
         mode = "fixed" if self.fixed else "following free CPUs"

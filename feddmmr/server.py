@@ -55,9 +55,70 @@ class FedAvg:
                 self.acc[k].index_add_(0, r.flatten(), delta.flatten(0, 1))
         self.total_w += float(weights.sum())
 
+    def add_partial(self, part: "PartialSum") -> None:
+        """A group of clients already summed (``PartialSum``); FedAvg of groups equals FedAvg of their clients."""
+        for k in self.names:
+            rows, total = part.sums[k]
+            if rows is None:
+                self.acc[k].add_(total)
+            else:
+                self.acc[k].index_add_(0, rows, total)
+        self.total_w += part.total_w
+
     def result(self) -> dict[str, torch.Tensor]:
         return {k: v + self.acc[k] / self.total_w if k in self.names else v.clone()
                 for k, v in self.global_params.items()}
+
+
+class PartialSum:
+    """The weighted sum of a group of clients' updates, sum_i w_i (p_i - global), and their total weight:
+    what an intermediate aggregator (a worker that trains a chunk of clients) hands to ``FedAvg``.
+
+    Updates sent as rows are summed over the union of the clients' rows, so the sum is as large as the
+    items the group touched, not the catalogue. Clients are summed in the order they are added.
+    """
+
+    def __init__(self, global_params: dict[str, torch.Tensor], names: list[str]):
+        self.global_params, self.names = global_params, names
+        self.dense: dict[str, torch.Tensor] = {}
+        self.parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.total_w = 0.0
+        self.sums: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+
+    def add(self, local: dict[str, torch.Tensor], weight: float, rows: dict[str, torch.Tensor] | None = None) -> None:
+        """One client's trained weights, as ``FedAvg.add`` takes them."""
+        for k in self.names:
+            r = (rows or {}).get(k)
+            if r is None:
+                delta = local[k].detach() - self.global_params[k]
+                self.dense[k] = delta.mul_(weight) if k not in self.dense else self.dense[k].add_(delta, alpha=weight)
+                continue
+            delta = (local[k].detach() - self.global_params[k][r]).mul_(weight)
+            if k in self.dense:
+                self.dense[k].index_add_(0, r, delta)
+                continue
+            self.parts.setdefault(k, []).append((r, delta))
+            if sum(len(r) for r, _ in self.parts[k]) >= len(self.global_params[k]):   # as large as the table:
+                self.dense[k] = self._sum_rows(self.parts.pop(k), len(self.global_params[k]))[1]  # sum it densely
+        self.total_w += weight
+
+    @staticmethod
+    def _sum_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], table_rows: int | None = None):
+        """(rows, sum) of row-wise updates: over their union, or the whole table (rows None) if ``table_rows``.
+        Either way each row receives its clients' updates in order, so both give the same numbers."""
+        rows = torch.cat([r for r, _ in parts])
+        values = torch.cat([v for _, v in parts])
+        if table_rows is not None:
+            return None, values.new_zeros((table_rows,) + values.shape[1:]).index_add_(0, rows, values)
+        union, inverse = torch.unique(rows, return_inverse=True)                     # sorted rows
+        return union, values.new_zeros((len(union),) + values.shape[1:]).index_add_(0, inverse, values)
+
+    def finish(self) -> "PartialSum":
+        """Sum the row-wise updates; ``sums[k]`` is then (rows [U] or None for the whole tensor, sum)."""
+        self.sums = {k: (None, v) for k, v in self.dense.items()}
+        self.sums.update({k: self._sum_rows(parts) for k, parts in self.parts.items()})
+        self.dense, self.parts, self.global_params = {}, {}, {}
+        return self
 
 
 class ServerOptimizer:

@@ -26,6 +26,7 @@ only (and are returned), so identical work writes identical files.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -36,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .client import CLIENT_OPTIMIZERS, EXECUTORS, ClientPool, resolve_executor, warm_memories
+from .client import CLIENT_OPTIMIZERS, EXECUTORS, ClientPool, warm_memories
 from .config import MemoryParams, MultimodalTrainParams, Params, TrainParams, resolve_device, validate
 from .data import Prepared, load_prepared
 from .errors import DivergedError, FeddmmrError, TrackingIncomplete
@@ -51,6 +52,7 @@ from .resume import Progress, ResumeState, code_sha256, rng_state, set_rng_state
 from .runtime import ThreadPool
 from .server import SERVER_OPTIMIZERS, ServerOptimizer, select_clients
 from .tracking import StageRun, flatten, stage_diff
+from .workers import round_executor
 
 log = logging.getLogger("feddmmr")
 
@@ -429,28 +431,28 @@ def _fit(setup: Setup, state: Progress, parts: dict | None, resume: ResumeState,
         tracker.sync(record, state.round)
     if setup.report is not None:
         tracker.log_dict(setup.report, "load_report.json")
-    name = resolve_executor(tp.executor, next(model.parameters()).device)
-    executor = EXECUTORS[name]
-    log.info("%s: %s executor, %s", stage, name, setup.threads.describe())
-    with logging_redirect_tqdm():
-        bar = tqdm(range(state.round + 1, tp.rounds + 1), desc=stage, unit="round", disable=not progress,
-                   dynamic_ncols=True, initial=state.round, total=tp.rounds)
-        for rnd in ([] if state.stopped else bar):
-            try:
-                best = _round(setup, state, rnd, executor, best)
-            except DivergedError as exc:   # the round is dropped; the best finite round is kept
-                state.diverged = str(exc)
-                break
-            state.round = rnd
-            tracker.sync(record, rnd)
-            state.stopped = rnd - state.improved_round >= tp.patience or rnd == tp.rounds
-            _save_round(setup, state, best, resume, tracker)
-            bar.set_postfix(loss=f"{state.history['train_loss'][-1]:.3f}", best=state.best_round,
-                            **{tp.selection_metric: f"{pick(state.history['val'][-1], tp.selection_metric):.4f}"})
-            if state.stopped and rnd < tp.rounds:
-                log.info("%s: early stop at round %d (best round %d)", stage, rnd, state.improved_round)
-                break
-        bar.close()
+    with contextlib.ExitStack() as stack:
+        executor = round_executor(tp.executor, model, setup.pool, setup.threads, stack)
+        log.info("%s: %s", stage, executor.description)
+        with logging_redirect_tqdm():
+            bar = tqdm(range(state.round + 1, tp.rounds + 1), desc=stage, unit="round", disable=not progress,
+                       dynamic_ncols=True, initial=state.round, total=tp.rounds)
+            for rnd in ([] if state.stopped else bar):
+                try:
+                    best = _round(setup, state, rnd, executor.run, best)
+                except DivergedError as exc:   # the round is dropped; the best finite round is kept
+                    state.diverged = str(exc)
+                    break
+                state.round = rnd
+                tracker.sync(record, rnd)
+                state.stopped = rnd - state.improved_round >= tp.patience or rnd == tp.rounds
+                _save_round(setup, state, best, resume, tracker)
+                bar.set_postfix(loss=f"{state.history['train_loss'][-1]:.3f}", best=state.best_round,
+                                **{tp.selection_metric: f"{pick(state.history['val'][-1], tp.selection_metric):.4f}"})
+                if state.stopped and rnd < tp.rounds:
+                    log.info("%s: early stop at round %d (best round %d)", stage, rnd, state.improved_round)
+                    break
+            bar.close()
     state.stopped = True
     model.load_state_dict(best[0])
     if memory is not None:

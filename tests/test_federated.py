@@ -202,3 +202,37 @@ def test_auto_executor_is_the_sequential_loop_on_cpu_and_the_stacked_one_on_gpu(
     assert resolve_executor("auto", torch.device("cpu")) == "sequential"
     assert resolve_executor("auto", torch.device("cuda")) == "vectorized"
     assert resolve_executor("vectorized", torch.device("cpu")) == "vectorized"
+
+
+@pytest.mark.parametrize("rows_per_client", [3, 40])   # a union of rows, and as many rows as the table (dense)
+def test_partial_sums_of_client_groups_equal_fedavg_of_the_clients(rows_per_client):
+    """What a worker sends for a chunk of clients, added by the server, is FedAvg of those clients."""
+    from feddmmr.server import FedAvg, PartialSum
+    g = torch.Generator().manual_seed(0)
+    global_params = {"table": torch.randn(50, 4, generator=g), "dense": torch.randn(3, 2, generator=g),
+                     "frozen": torch.randn(2, generator=g)}
+    names = ["table", "dense"]
+    clients = []
+    for i in range(7):
+        rows = torch.randperm(50, generator=g)[:rows_per_client].sort().values
+        local = {"table": global_params["table"][rows] + torch.randn(len(rows), 4, generator=g),
+                 "dense": global_params["dense"] + torch.randn(3, 2, generator=g)}
+        clients.append((local, float(i + 1), {"table": rows}))
+    flat, grouped = FedAvg(global_params, names), FedAvg(global_params, names)
+    for c in clients:
+        flat.add(*c)
+    for lo in (0, 3, 5):
+        part = PartialSum(global_params, names)
+        for c in clients[lo: {0: 3, 3: 5, 5: 7}[lo]]:
+            part.add(*c)
+        grouped.add_partial(part.finish())
+        assert (part.sums["table"][0] is None) == (rows_per_client == 40)
+    a, b = flat.result(), grouped.result()
+    assert grouped.total_w == flat.total_w == 28.0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6, msg=k)
+    assert torch.equal(b["frozen"], global_params["frozen"])
+    untouched = torch.ones(50, dtype=torch.bool)
+    for _, _, r in clients:
+        untouched[r["table"]] = False
+    assert torch.equal(b["table"][untouched], global_params["table"][untouched])

@@ -1,0 +1,203 @@
+"""A round's clients trained on several CPUs: forked worker processes with one torch thread each.
+
+On CPU the chunks of a round (``clients_per_chunk`` clients each) are independent until the server sums
+them, so each worker trains whole chunks with the sequential executor and sends back the chunk's summed
+update (``server.PartialSum``); the server adds the chunks in their order. The result does not depend on
+how many workers there are or which one trains what: every client draws its dropout from its own seed,
+and the sum runs in chunk order.
+
+Workers are forked once per stage, so they share the training data and the model without copies. The
+model's parameters are moved into shared memory first: the server's in-place update of the global model
+(``load_state_dict``) is what every worker trains from in the next round. One thread per process means
+no OpenMP threads spin waiting for each other, so a process busy on another core slows a round by the
+CPU time it takes, not by stalling every op (see ``runtime``).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import mmap
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+from multiprocessing.connection import wait
+
+import torch
+from torch import nn
+
+from .client import EXECUTORS, ChunkResult, ClientPool, resolve_executor, train_chunk_sequential
+from .config import TrainParams
+from .errors import FeddmmrError
+from .runtime import ThreadPool
+
+PR_SET_PDEATHSIG = 1
+PIPELINE = 2          # chunks handed to a worker ahead of its results
+
+
+def _share_parameters(model: nn.Module) -> None:
+    """Move every CPU parameter into anonymous shared memory (inherited by forked children; no /dev/shm file)."""
+    for p in model.parameters():
+        if p.device.type != "cpu" or p.numel() == 0:
+            continue
+        buf = mmap.mmap(-1, p.numel() * p.element_size())
+        shared = torch.frombuffer(buf, dtype=p.dtype).view(p.shape)
+        shared.copy_(p.data)
+        p.data = shared
+
+
+def _unshare_parameters(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.data = p.data.clone()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the training process dies (a kill -9 leaves no orphans)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:            # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _serve(conn, model: nn.Module, pool: ClientPool, parent: int) -> None:
+    """A worker's loop: (chunk index, round, chunk, params) in, (index, ChunkResult or None, error) out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the training process's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent)
+    torch.set_num_threads(1)
+    model.train()
+    while True:
+        try:
+            msg = conn.recv_bytes()
+        except (EOFError, OSError):
+            break
+        task = pickle.loads(msg)
+        if task is None:
+            break
+        idx, rnd, (users, mem_ids, mem_pos), tp, names, sparse = task
+        try:
+            out = (idx, train_chunk_sequential(model, users, mem_ids, mem_pos, pool, rnd, tp, names, sparse), None)
+        except Exception as exc:  # noqa: BLE001 - handed to the training process, which raises it
+            expected = isinstance(exc, FeddmmrError)
+            out = (idx, None, (expected, str(exc) if expected else f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        conn.send_bytes(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class Workers:
+    """``n`` forked processes that train chunks of clients for ``train_round_sequential(..., workers=...)``."""
+
+    def __init__(self, model: nn.Module, pool: ClientPool, n: int):
+        self.model, self.pool, self.n = model, pool, n
+        _share_parameters(model)
+        ctx = mp.get_context("fork")
+        self.procs, self.conns = [], []
+        for _ in range(n):
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(there, model, pool, os.getpid()), daemon=True)
+            proc.start()
+            there.close()
+            self.procs.append(proc)
+            self.conns.append(here)
+
+    def map(self, rnd: int, chunks: list, tp: TrainParams, names: list[str], sparse: bool) -> list[ChunkResult]:
+        """Train ``chunks`` (users, memory ids, memory positions) of round ``rnd``; results in chunk order.
+
+        Chunks go out largest first (most training targets), two per worker at a time so that a worker
+        starts its next chunk while the last one's update travels back."""
+        work = [int(self.pool.num_targets[torch.tensor(users)].sum()) for users, _, _ in chunks]
+        pending = sorted(range(len(chunks)), key=lambda i: -work[i])
+        results: list[ChunkResult | None] = [None] * len(chunks)
+        queued = {conn: 0 for conn in self.conns}
+        for _ in range(PIPELINE):
+            for conn in self.conns:
+                if pending:
+                    self._send(conn, pending.pop(0), rnd, chunks, tp, names, sparse)
+                    queued[conn] += 1
+        while any(queued.values()):
+            for conn in wait([c for c, n in queued.items() if n]):
+                idx, result = self._receive(conn, rnd)
+                results[idx] = result
+                queued[conn] -= 1
+                if pending:
+                    self._send(conn, pending.pop(0), rnd, chunks, tp, names, sparse)
+                    queued[conn] += 1
+        return results
+
+    def _send(self, conn, idx: int, rnd: int, chunks: list, tp, names, sparse) -> None:
+        try:
+            conn.send_bytes(pickle.dumps((idx, rnd, chunks[idx], tp, names, sparse), protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            raise self._stopped(conn, rnd) from None
+
+    def _receive(self, conn, rnd: int) -> tuple[int, ChunkResult]:
+        try:
+            idx, result, error = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            raise self._stopped(conn, rnd) from None
+        if error is not None:
+            expected, message, trace = error
+            if expected:
+                raise FeddmmrError(message)
+            raise RuntimeError(f"a training worker failed in round {rnd}: {message}\n\nin the worker:\n{trace}")
+        return idx, result
+
+    def _stopped(self, conn, rnd: int) -> FeddmmrError:
+        proc = self.procs[self.conns.index(conn)]
+        proc.join(timeout=5)
+        return FeddmmrError(f"a training worker (pid {proc.pid}) stopped with exit code {proc.exitcode} in round {rnd} "
+                            f"(killed, or out of memory?); the round is lost: run the stage again to resume after "
+                            f"the last finished round")
+
+    def close(self, abandon: bool = False) -> None:
+        """Stop the workers; ``abandon``: kill them at once (a round given up, its chunks still training)."""
+        for proc in self.procs if abandon else []:
+            proc.kill()
+        for conn in self.conns:
+            try:
+                conn.send_bytes(pickle.dumps(None))
+            except OSError:
+                pass
+            conn.close()
+        for proc in self.procs:
+            proc.join(timeout=2)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self.procs, self.conns = [], []
+        _unshare_parameters(self.model)
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(abandon=exc_type is not None)
+
+
+@dataclass
+class RoundExecutor:
+    run: Callable                 # (model, clients, pool, rnd, tp, trainable, memory) -> RoundResult
+    name: str                     # sequential | vectorized
+    workers: Workers | None       # the worker processes the sequential executor trains on (CPU), if any
+    description: str              # for the stage log
+
+
+def round_executor(name: str, model: nn.Module, pool: ClientPool, threads: ThreadPool,
+                   stack: contextlib.ExitStack) -> RoundExecutor:
+    """The round executor for ``name`` (auto | sequential | vectorized) on the model's device. On CPU the
+    sequential executor trains on ``threads.processes()`` worker processes, which live as long as ``stack``;
+    evaluation stays in this process with ``threads``."""
+    device = next(model.parameters()).device
+    name = resolve_executor(name, device)
+    processes = threads.processes()
+    if name != "sequential" or device.type != "cpu" or processes < 2:
+        return RoundExecutor(EXECUTORS[name], name, None, f"{name} executor, {threads.describe()}")
+    workers = stack.enter_context(Workers(model, pool, processes))
+    return RoundExecutor(functools.partial(EXECUTORS[name], workers=workers), name, workers,
+                         f"sequential executor on {processes} worker processes (one torch thread each); "
+                         f"evaluation: {threads.describe()}")
