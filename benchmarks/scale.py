@@ -14,7 +14,7 @@ up as at the start of a stage. Executors: each revision's default for the device
 
     python benchmarks/scale.py [--device cpu|cuda] [--datasets top1000,ml1m,synthetic]
                                [--stages pretrain_sasrec,finetune_moe] [--clients 100,1000]
-                               [--baseline REV | --no-baseline] [--no-eval]
+                               [--baseline REV | --no-baseline] [--no-eval] [--repeat 3]
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,23 +170,31 @@ def measure(args) -> dict:
     if threads is not None:
         threads.update()
     sync()
+    times = []
     with PeakMemory(pids) as rss:
-        t0 = time.perf_counter()
-        result = executor(model, clients, pool, 1, tp, trainable, memory)
-        sync()
-        seconds = time.perf_counter() - t0
-    out = {"seconds": seconds, "targets": int(pool.num_targets[clients].sum()), "clients": len(clients),
-           "steps": result.steps, "executor": name, "threads": len(pids) or torch.get_num_threads(),
+        for _ in range(args.repeat):               # the median of a few rounds: this VM's timings wander by 10%
+            t0 = time.perf_counter()
+            result = executor(model, clients, pool, 1, tp, trainable, memory)
+            sync()
+            times.append(time.perf_counter() - t0)
+    out = {"seconds": statistics.median(times), "targets": int(pool.num_targets[clients].sum()),
+           "clients": len(clients), "steps": result.steps, "executor": name,
+           "threads": len(pids) or torch.get_num_threads(),
            "round_mb": rss.added_mb if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2 ** 20,
            "users": data.num_users, "items": data.num_items}
     if args.eval:
         model.eval()
         evaluator = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size)
-        sync()
-        t0 = time.perf_counter()
-        evaluator.evaluate(model, "val", memory)
-        sync()
-        out["eval_seconds"] = time.perf_counter() - t0
+        times = []
+        for _ in range(args.repeat + 1):           # the first is a warm-up, as every round after the first is not
+            sync()
+            t0 = time.perf_counter()
+            evaluator.evaluate(model, "val", memory)
+            sync()
+            times.append(time.perf_counter() - t0)
+            if times[-1] > 10:                     # a long evaluation is its own median
+                break
+        out["eval_seconds"] = statistics.median(times[1:] or times)
     stack.close()
     return out
 
@@ -194,7 +203,8 @@ def measure(args) -> dict:
 
 def run_one(checkout: Path, prepared: Path, stage: str, clients: int, args) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", "--prepared", str(prepared),
-           "--stage", stage, "--clients", str(clients), "--device", args.device] + ([] if args.eval else ["--no-eval"])
+           "--stage", stage, "--clients", str(clients), "--device", args.device, "--repeat", str(args.repeat)]
+    cmd += [] if args.eval else ["--no-eval"]
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -229,6 +239,7 @@ def main() -> None:
     ap.add_argument("--baseline", default=BASELINE)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--no-eval", dest="eval", action="store_false")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds (and evaluations) timed; the median is shown")
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "feddmmr-scale"))
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)

@@ -70,6 +70,15 @@ def _busy_seconds(cpus: set[int]) -> float | None:
     return busy / tick
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")     # utime, stime
+
+
 class ThreadPool:
     """torch's thread count for a training run: fixed, or the CPUs left free by other processes."""
 
@@ -78,12 +87,19 @@ class ThreadPool:
         self.usable = usable_cpus()
         self.cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(self.usable))
         self.others = 0.0                                         # CPUs other processes kept busy lately
+        self.workers: list[int] = []                              # our worker processes (see count_as_own)
         self._last = self._sample()
         self.threads = self._set(self.fixed or self.usable)
 
     def _sample(self) -> tuple[float, float, float | None]:
         t = os.times()
-        return time.monotonic(), t.user + t.system, _busy_seconds(self.cpus)
+        own = t.user + t.system + sum(_cpu_seconds(pid) for pid in self.workers)
+        return time.monotonic(), own, _busy_seconds(self.cpus)
+
+    def count_as_own(self, pids: list[int]) -> None:
+        """CPU time of these processes (this run's training workers) is this run's, not other processes' load."""
+        self.workers = list(pids)
+        self._last = self._sample()
 
     def _set(self, n: int) -> int:
         if n != torch.get_num_threads():

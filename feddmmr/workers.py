@@ -198,6 +198,8 @@ def round_executor(name: str, model: nn.Module, pool: ClientPool, threads: Threa
     if name != "sequential" or device.type != "cpu" or processes < 2:
         return RoundExecutor(EXECUTORS[name], name, None, f"{name} executor, {threads.describe()}")
     workers = stack.enter_context(Workers(model, pool, processes))
+    threads.count_as_own([proc.pid for proc in workers.procs])
+    stack.callback(threads.count_as_own, [])
     return RoundExecutor(functools.partial(EXECUTORS[name], workers=workers), name, workers,
                          f"sequential executor on {processes} worker processes (one torch thread each); "
                          f"evaluation: {threads.describe()}")

@@ -53,3 +53,23 @@ def test_a_fixed_thread_count_wins_and_the_environment_wins_over_params(monkeypa
 def test_usable_cpus_is_at_most_the_affinity_mask():
     import os
     assert 1 <= runtime.usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_the_training_workers_cpu_time_is_not_taken_for_other_processes_load(monkeypatch):
+    """Two busy worker processes of our own leave every CPU to this process's evaluation threads."""
+    monkeypatch.delenv(runtime.ENV, raising=False)
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 2)
+    clock = {"busy": 0.0, "workers": 0.0}
+    monkeypatch.setattr(runtime, "_busy_seconds", lambda cpus: clock["busy"])
+    monkeypatch.setattr(runtime, "_cpu_seconds", lambda pid: clock["workers"] / 2)
+    pool = runtime.ThreadPool(0)
+    pool.count_as_own([101, 102])
+    assert pool.processes() == 2
+    time.sleep(0.1)
+    clock["workers"] += 0.2                 # both workers busy for the 0.1 s
+    clock["busy"] += 0.2
+    assert pool.update() == 2 and pool.others < 0.2
+    pool.count_as_own([])                   # without them the same load is someone else's
+    time.sleep(0.1)
+    clock["busy"] += 0.2
+    assert pool.update() == 1
