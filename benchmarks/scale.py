@@ -1,7 +1,8 @@
 """Benchmark: how a federated round scales with clients and catalogue, this code against a baseline revision.
 
 For stage 1 (pretrain_sasrec) and stage 3 (finetune_moe) it prints seconds per round of 100 and of
-1,000 clients, the evaluation of all users, and the peak memory a round adds, on
+1,000 clients and of the evaluation of all users (medians of ``--repeat`` after a warm-up), and the
+peak memory of the training processes during the rounds above what they held before the warm-up, on
   top1000    ML-1M, the 1,000 most active users (3.6k items)            [../shared/data/ml-1m]
   ml1m       all 6,040 ML-1M users
   synthetic  100k items, 20k users, sequence lengths drawn from ML-1M's, Zipf item popularity
@@ -10,11 +11,12 @@ Each measurement runs in a fresh process (so peak memory is its own), first for 
 for ``--baseline REV`` checked out with ``git worktree`` (default: the revision before the sparse /
 thread-pool work), and the table shows both with their ratio. Stage 3 uses random text features
 (384-d, every item) and masked visual ones, as the pipeline does without posters; memories are warmed
-up as at the start of a stage. Executors: each revision's default for the device.
+up as at the start of a stage. Executors: each revision's default for the device. ``--busy N`` keeps N
+other single-threaded torch processes busy during every measurement (a shared machine).
 
     python benchmarks/scale.py [--device cpu|cuda] [--datasets top1000,ml1m,synthetic]
                                [--stages pretrain_sasrec,finetune_moe] [--clients 100,1000]
-                               [--baseline REV | --no-baseline] [--no-eval] [--repeat 3]
+                               [--baseline REV | --no-baseline] [--no-eval] [--repeat 3] [--busy N]
 """
 from __future__ import annotations
 
@@ -79,24 +81,29 @@ def prepared_dir(name: str, cache: Path, data_root: Path) -> Path:
 # ------------------------------------------------------------------------------------------ one measurement
 
 class PeakMemory:
-    """Highest resident memory of this process and its worker processes seen by a 20 ms sampler while the
-    block runs, minus the memory at its start: what the block allocates, wherever it runs. (Resident sizes
-    from statm: cheap to read. Proportional sizes from smaps_rollup walk every mapping and slowed the
-    round itself by a third.)"""
+    """Highest memory of this process and its worker processes seen by a 20 ms sampler while the block runs,
+    minus their memory when the object was made (before the warm-up round, so what a round's allocations
+    keep cached counts too). Proportional set sizes (smaps_rollup), so pages a worker shares with this
+    process count once. Reading them walks every mapping and slows a round by a third: the sampled round
+    is an extra one, not a timed one."""
 
     def __init__(self, pids: list[int]):
         self.pids = [os.getpid(), *pids]
+        self.start = self.peak = self._rss()
 
     def __enter__(self):
-        self.start = self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
         return self
 
     def _rss(self) -> int:
-        pages = sum(int(Path(f"/proc/{pid}/statm").read_text().split()[1]) for pid in self.pids)
-        return pages * os.sysconf("SC_PAGE_SIZE")
+        total = 0
+        for pid in self.pids:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        return total
 
     def _watch(self):
         while not self._stop.wait(0.02):
@@ -163,6 +170,7 @@ def measure(args) -> dict:
     trainable = {k for k, _ in model.named_parameters() if group_of(k) not in tp.freeze}
     clients = select_clients(data.num_users, min(1.0, args.clients / data.num_users), 1, tp.seed)
     model.train()
+    rss = PeakMemory(pids)
     executor(model, clients, pool, 0, tp, trainable, memory)    # warm-up: every worker's first allocations
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -171,12 +179,14 @@ def measure(args) -> dict:
         threads.update()
     sync()
     times = []
-    with PeakMemory(pids) as rss:
-        for _ in range(args.repeat):               # the median of a few rounds: this VM's timings wander by 10%
-            t0 = time.perf_counter()
-            result = executor(model, clients, pool, 1, tp, trainable, memory)
-            sync()
-            times.append(time.perf_counter() - t0)
+    for _ in range(args.repeat):                   # the median of a few rounds: this VM's timings wander by 10%
+        t0 = time.perf_counter()
+        result = executor(model, clients, pool, 1, tp, trainable, memory)
+        sync()
+        times.append(time.perf_counter() - t0)
+    with rss:                                      # one more round, for its memory only
+        executor(model, clients, pool, 1, tp, trainable, memory)
+        sync()
     out = {"seconds": statistics.median(times), "targets": int(pool.num_targets[clients].sum()),
            "clients": len(clients), "steps": result.steps, "executor": name,
            "threads": len(pids) or torch.get_num_threads(),
@@ -201,12 +211,35 @@ def measure(args) -> dict:
 
 # ------------------------------------------------------------------------------------------ driver
 
+BUSY = """
+import torch
+torch.set_num_threads(1)
+a = torch.randn(512, 512)
+while True:
+    a = torch.tanh(a @ a.T / 512)
+"""
+
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """``n`` other torch processes (one thread each, a matmul loop) running while the block runs."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(n)]
+    try:
+        time.sleep(1.0 if n else 0.0)                  # past their imports: really busy
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def run_one(checkout: Path, prepared: Path, stage: str, clients: int, args) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", "--prepared", str(prepared),
            "--stage", stage, "--clients", str(clients), "--device", args.device, "--repeat", str(args.repeat)]
     cmd += [] if args.eval else ["--no-eval"]
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
+    with busy_processes(args.busy):
+        proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
     if proc.returncode:
         print(f"  ! {checkout.name} {stage} {clients}: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
@@ -239,6 +272,7 @@ def main() -> None:
     ap.add_argument("--baseline", default=BASELINE)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--no-eval", dest="eval", action="store_false")
+    ap.add_argument("--busy", type=int, default=0, help="other torch processes (1 thread each) kept busy meanwhile")
     ap.add_argument("--repeat", type=int, default=3, help="rounds (and evaluations) timed; the median is shown")
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "feddmmr-scale"))
@@ -256,7 +290,8 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     import torch
     print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} device={args.device} "
-          f"torch={torch.__version__} load average {os.getloadavg()[0]:.2f}")
+          f"torch={torch.__version__} load average {os.getloadavg()[0]:.2f}"
+          + (f"; {args.busy} other busy torch process(es) during each measurement" if args.busy else ""))
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     base = None if args.no_baseline else baseline_checkout(args.baseline, cache)
     print(f"this checkout: {REPO} vs baseline {args.baseline if base else '(none)'}")
