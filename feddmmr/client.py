@@ -321,16 +321,17 @@ def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPoo
     chunks = [(clients[lo: lo + size], mem_ids[lo: lo + size], mem_pos[lo: lo + size])
               for lo in range(0, len(clients), size)]
     if workers is None:
-        results = [train_chunk_sequential(model, *chunk, pool, rnd, tp, names, sparse) for chunk in chunks]
+        results = (train_chunk_sequential(model, *chunk, pool, rnd, tp, names, sparse) for chunk in chunks)
     else:
         results = workers.map(rnd, chunks, tp, names, sparse)
     agg, obs = FedAvg(global_params, names), _Observations()
-    for r in results:
+    loss_sum, steps = 0.0, 0
+    for r in results:                   # in chunk order, each added as it comes
         agg.add_partial(r.update)
         obs.extend(r.observed)
+        loss_sum, steps = loss_sum + r.loss_sum, steps + r.steps
     writes, s_sum, n = obs.flush(memory)
-    return RoundResult(agg.result(), sum(r.loss_sum for r in results) / agg.total_w, len(clients),
-                       sum(r.steps for r in results), writes, s_sum / max(n, 1))
+    return RoundResult(agg.result(), loss_sum / agg.total_w, len(clients), steps, writes, s_sum / max(n, 1))
 
 
 def _padded_rows(chunk: list[_Client]) -> torch.Tensor:

@@ -64,7 +64,7 @@ class TrainParams:
     keep: str = "best"               # checkpoint keeps the best validation round | the last round
     executor: str = "auto"           # auto (sequential on CPU, vectorized on GPU) | vectorized | sequential
     device: str = "auto"             # auto (cuda when available) | cpu | cuda
-    clients_per_chunk: int = 8       # clients trained together in one vectorized call (8 is fastest on a 2-core CPU)
+    clients_per_chunk: int = 8       # clients per vectorized call, or per task of a CPU worker; the server sums chunk by chunk
     seed: int = 42
     freeze: list[str] = field(default_factory=list)  # parameter groups that do not train in this stage
 

@@ -22,10 +22,11 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import threading
 import traceback
 from dataclasses import dataclass
-from typing import Callable
 from multiprocessing.connection import wait
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -55,21 +56,24 @@ def _unshare_parameters(model: nn.Module) -> None:
         p.data = p.data.clone()
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: the kernel kills this worker when the training process dies (a kill -9 leaves no orphans)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+def _die_with_parent(parent: int, from_main_thread: bool) -> None:
+    """Linux: the kernel kills this worker when the training process dies (a kill -9 leaves no orphans).
+    The signal follows the thread that forked, so only a main thread's workers ask for it; the others end
+    when their pipe closes."""
+    if from_main_thread:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
     if os.getppid() != parent:            # the parent died before prctl took effect
         os._exit(1)
 
 
-def _serve(conn, model: nn.Module, pool: ClientPool, parent: int) -> None:
+def _serve(conn, model: nn.Module, pool: ClientPool, parent: int, from_main_thread: bool) -> None:
     """A worker's loop: (chunk index, round, chunk, params) in, (index, ChunkResult or None, error) out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the training process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _die_with_parent(parent)
+    _die_with_parent(parent, from_main_thread)
     torch.set_num_threads(1)
     model.train()
     while True:
@@ -99,35 +103,45 @@ class Workers:
         self.procs, self.conns = [], []
         for _ in range(n):
             here, there = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(there, model, pool, os.getpid()), daemon=True)
+            proc = ctx.Process(target=_serve, daemon=True, args=(there, model, pool, os.getpid(),
+                                                                 threading.current_thread() is threading.main_thread()))
             proc.start()
             there.close()
             self.procs.append(proc)
             self.conns.append(here)
 
-    def map(self, rnd: int, chunks: list, tp: TrainParams, names: list[str], sparse: bool) -> list[ChunkResult]:
-        """Train ``chunks`` (users, memory ids, memory positions) of round ``rnd``; results in chunk order.
+    def map(self, rnd: int, chunks: list, tp: TrainParams, names: list[str], sparse: bool) -> Iterator[ChunkResult]:
+        """Train ``chunks`` (users, memory ids, memory positions) of round ``rnd``; yields their results in chunk
+        order as they arrive, so the server adds each one at once and holds only the few that came early.
 
-        Chunks go out largest first (most training targets), two per worker at a time so that a worker
-        starts its next chunk while the last one's update travels back."""
-        work = [int(self.pool.num_targets[torch.tensor(users)].sum()) for users, _, _ in chunks]
-        pending = sorted(range(len(chunks)), key=lambda i: -work[i])
-        results: list[ChunkResult | None] = [None] * len(chunks)
+        Chunks go out in order to whichever worker is free, two per worker at a time so that a worker starts
+        its next chunk while the last one's update travels back."""
+        if not self.conns:
+            raise FeddmmrError("the training workers were stopped (a round was abandoned); start new ones")
+        pending = list(range(len(chunks)))[::-1]
+        early: dict[int, ChunkResult] = {}
         queued = {conn: 0 for conn in self.conns}
-        for _ in range(PIPELINE):
-            for conn in self.conns:
-                if pending:
-                    self._send(conn, pending.pop(0), rnd, chunks, tp, names, sparse)
-                    queued[conn] += 1
-        while any(queued.values()):
-            for conn in wait([c for c, n in queued.items() if n]):
-                idx, result = self._receive(conn, rnd)
-                results[idx] = result
-                queued[conn] -= 1
-                if pending:
-                    self._send(conn, pending.pop(0), rnd, chunks, tp, names, sparse)
-                    queued[conn] += 1
-        return results
+        nxt = 0
+        try:
+            for _ in range(PIPELINE):
+                for conn in self.conns:
+                    if pending:
+                        self._send(conn, pending.pop(), rnd, chunks, tp, names, sparse)
+                        queued[conn] += 1
+            while nxt < len(chunks):
+                for conn in wait([c for c, n in queued.items() if n]):
+                    idx, result = self._receive(conn, rnd)
+                    early[idx] = result
+                    queued[conn] -= 1
+                    if pending:
+                        self._send(conn, pending.pop(), rnd, chunks, tp, names, sparse)
+                        queued[conn] += 1
+                while nxt in early:
+                    yield early.pop(nxt)
+                    nxt += 1
+        finally:
+            if nxt < len(chunks):       # abandoned mid-round: chunks still in the pipes would answer the next one
+                self.close(abandon=True)
 
     def _send(self, conn, idx: int, rnd: int, chunks: list, tp, names, sparse) -> None:
         try:
@@ -169,8 +183,9 @@ class Workers:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        if self.procs:
+            _unshare_parameters(self.model)
         self.procs, self.conns = [], []
-        _unshare_parameters(self.model)
 
     def __enter__(self) -> "Workers":
         return self

@@ -106,5 +106,7 @@ def test_a_failing_worker_raises_its_error_and_a_killed_one_names_itself(setup, 
         os.kill(procs[1].pid, signal.SIGKILL)
         with pytest.raises(FeddmmrError, match=r"a training worker \(pid \d+\) stopped with exit code -9 in round 1"):
             train_round_sequential(model, clients, pool, 1, tp, workers=workers)
+        with pytest.raises(FeddmmrError, match="the training workers were stopped"):   # never a stale answer
+            train_round_sequential(model, clients, pool, 2, tp, workers=workers)
     assert not any(p.is_alive() for p in procs)
     assert train_round_sequential(model, clients[:2], pool, 1, tp).clients == 2    # the model trains on in-process
