@@ -1,4 +1,5 @@
-"""Benchmark: wall time of one federated round (vectorized vs the sequential reference) and of the
+"""Benchmark: wall time of one federated round (vectorized, the sequential reference in this process, and the
+sequential executor on one worker process per CPU, as a CPU stage runs it) and of the
 batched evaluation of all users, on the ML-1M top-1000 subset when ../shared/data is present
 (else on the synthetic demo data). ``--stage align_projectors|finetune_moe`` times a multimodal
 stage (text features extracted first, visual masked; client memories filled by the warm-up pass).
@@ -9,6 +10,7 @@ stage (text features extracted first, visual masked; client memories filled by t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -27,7 +29,9 @@ from feddmmr.model import group_of
 from feddmmr.features import extract, load_modalities
 from feddmmr.modalities import NAMES
 from feddmmr.server import select_clients
+from feddmmr.runtime import ThreadPool
 from feddmmr.stages import STAGE_SPECS, STAGES, build_memory, build_model
+from feddmmr.workers import round_executor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,11 +91,19 @@ def main() -> None:
 
     results = {}
     runs = [("vectorized", train_round_vectorized)] + ([] if args.skip_sequential else [("sequential", train_round_sequential)])
+    stack = contextlib.ExitStack()
+    chosen = round_executor(tp.executor, model, pool, ThreadPool(params.runtime.threads), stack)
+    if chosen.workers:                                          # what a CPU stage runs: the workers of runtime.threads
+        runs.append((f"sequential on {len(chosen.workers.procs)} worker processes", chosen.run))
     saved = memory.state_dict() if memory else None
     train_round_vectorized(model, clients[:4], pool, 0, tp, trainable, memory)  # warm-up (first-call dispatch costs)
     for name, fn in runs:
         if memory:
-            memory.load_state_dict(saved)  # both executors start from the same memories
+            memory.load_state_dict(saved)  # every executor starts from the same memories
+        if fn is chosen.run:
+            fn(model, clients, pool, 0, tp, trainable, memory)  # warm-up of every worker
+            if memory:
+                memory.load_state_dict(saved)
         t0 = time.perf_counter()
         r = fn(model, clients, pool, 1, tp, trainable, memory)
         dt = time.perf_counter() - t0
@@ -103,6 +115,7 @@ def main() -> None:
     print(f"evaluation of all {data.num_users} users (full ranking + sampled): {time.perf_counter() - t0:.2f} s")
     if "sequential" in results:
         print(f"speed-up vectorized vs sequential: {results['sequential'] / results['vectorized']:.1f}x")
+    stack.close()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from .runtime import ThreadPool
 
 PR_SET_PDEATHSIG = 1
 PIPELINE = 2          # chunks handed to a worker ahead of its results
+TAIL = 16             # the last chunks of a round go out largest first (results held back at most about this many)
 
 
 def _share_parameters(model: nn.Module) -> None:
@@ -114,11 +115,15 @@ class Workers:
         """Train ``chunks`` (users, memory ids, memory positions) of round ``rnd``; yields their results in chunk
         order as they arrive, so the server adds each one at once and holds only the few that came early.
 
-        Chunks go out in order to whichever worker is free, two per worker at a time so that a worker starts
-        its next chunk while the last one's update travels back."""
+        Chunks go out to whichever worker is free, two per worker at a time so that a worker starts its next
+        chunk while the last one's update travels back; in order, but the last ``TAIL`` chunks largest first
+        (most training targets), so that no worker is left with a big chunk while the others idle."""
         if not self.conns:
             raise FeddmmrError("the training workers were stopped (a round was abandoned); start new ones")
-        pending = list(range(len(chunks)))[::-1]
+        work = [int(self.pool.num_targets[torch.tensor(users)].sum()) for users, _, _ in chunks]
+        head = max(0, len(chunks) - TAIL)
+        order = list(range(head)) + sorted(range(head, len(chunks)), key=lambda i: -work[i])
+        pending = order[::-1]
         early: dict[int, ChunkResult] = {}
         queued = {conn: 0 for conn in self.conns}
         nxt = 0
