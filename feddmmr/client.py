@@ -305,6 +305,14 @@ def train_chunk_sequential(model: nn.Module, users: list[int], mem_ids: torch.Te
     return ChunkResult(part.finish(), loss_sum, steps, obs)
 
 
+def client_chunks(clients: list[int], memory: MemoryBank | None, size: int) -> list[tuple]:
+    """The round's clients in chunks of ``size``: (users, memory ids [n, K], memory positions [n, K]) each.
+    Each chunk owns its tensors (no view of the whole round's slots), so a chunk sent to a worker is a few KB."""
+    mem_ids, mem_pos = _memory_slots(memory, clients)
+    return [(clients[lo: lo + size], mem_ids[lo: lo + size].clone(), mem_pos[lo: lo + size].clone())
+            for lo in range(0, len(clients), size)]
+
+
 def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPool, rnd: int, tp: TrainParams,
                            trainable: set[str] | None = None, memory: MemoryBank | None = None,
                            sparse: bool | None = None, workers=None) -> RoundResult:
@@ -316,10 +324,7 @@ def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPoo
     """
     global_params, names = _split_params(model, trainable)
     sparse = use_sparse(names, tp) if sparse is None else sparse
-    mem_ids, mem_pos = _memory_slots(memory, clients)
-    size = tp.clients_per_chunk
-    chunks = [(clients[lo: lo + size], mem_ids[lo: lo + size], mem_pos[lo: lo + size])
-              for lo in range(0, len(clients), size)]
+    chunks = client_chunks(clients, memory, tp.clients_per_chunk)
     if workers is None:
         results = (train_chunk_sequential(model, *chunk, pool, rnd, tp, names, sparse) for chunk in chunks)
     else:

@@ -149,6 +149,8 @@ class Workers:
                 self.close(abandon=True)
 
     def _send(self, conn, idx: int, rnd: int, chunks: list, tp, names, sparse) -> None:
+        """Tasks are a few KB (``client_chunks``), far below a socket's buffer: this never waits for a worker
+        that is itself waiting to send a result (a large task would deadlock the two)."""
         try:
             conn.send_bytes(pickle.dumps((idx, rnd, chunks[idx], tp, names, sparse), protocol=pickle.HIGHEST_PROTOCOL))
         except OSError:

@@ -110,3 +110,20 @@ def test_a_failing_worker_raises_its_error_and_a_killed_one_names_itself(setup, 
             train_round_sequential(model, clients, pool, 2, tp, workers=workers)
     assert not any(p.is_alive() for p in procs)
     assert train_round_sequential(model, clients[:2], pool, 1, tp).clients == 2    # the model trains on in-process
+
+
+def test_a_chunk_sent_to_a_worker_is_small_whatever_the_round_size(setup, tmp_path):
+    """A chunk holding a view of the whole round's memory slots pickled them all: with 1,000 clients a task
+    outgrew the socket buffer and the pipe deadlocked against a worker sending its result."""
+    import pickle
+    from feddmmr.client import client_chunks
+    from feddmmr.features import load_modalities
+    data, _ = setup
+    params = tiny_stage_params()
+    memory = build_memory(params, data, load_modalities(write_tiny_features(tmp_path, data.num_items), data))
+    users = list(range(data.num_users))
+    chunks = client_chunks(users, memory, 4)
+    assert [u for c in chunks for u in c[0]] == users
+    assert max(len(pickle.dumps(c)) for c in chunks) < 4 * len(pickle.dumps(client_chunks(users[:4], memory, 4)[0]))
+    for _, ids, pos in chunks:
+        assert ids.untyped_storage().nbytes() == ids.numel() * ids.element_size()
