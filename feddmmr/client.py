@@ -241,9 +241,9 @@ class _Observations:
         return writes, s_sum, n
 
 
-def _clients(users: list[int], pool: ClientPool, rnd: int, tp: TrainParams, memory: MemoryBank | None,
-             sparse: bool) -> list[_Client]:
-    mem_ids, mem_pos = _memory_slots(memory, users)
+def _clients(users: list[int], mem_ids: torch.Tensor, mem_pos: torch.Tensor, pool: ClientPool, rnd: int,
+             tp: TrainParams, sparse: bool) -> list[_Client]:
+    """A chunk's clients (``client_chunks``) with their round's plans, in local catalogues if ``sparse``."""
     catalogue = pool.catalogue if sparse else None
     return [_Client(u, pool.plan(u, rnd, tp), mem_ids[i], mem_pos[i], catalogue) for i, u in enumerate(users)]
 
@@ -295,10 +295,9 @@ def train_chunk_sequential(model: nn.Module, users: list[int], mem_ids: torch.Te
     device = next(iter(global_params.values())).device
     part, obs = PartialSum(global_params, names), _Observations()
     loss_sum, steps = 0.0, 0
-    for i, u in enumerate(users):
-        c = _Client(u, pool.plan(u, rnd, tp), mem_ids[i], mem_pos[i], pool.catalogue if sparse else None)
+    for c in _clients(users, mem_ids, mem_pos, pool, rnd, tp, sparse):
         local, losses = _train_client(model, global_params, names, c, rnd, tp, obs)
-        w = float(pool.num_targets[u])
+        w = float(pool.num_targets[c.u])
         part.add(local, w, None if c.rows is None else {ITEM_TABLE: c.rows.to(device)})
         loss_sum += w * float(np.mean(losses))
         steps += len(losses)
@@ -399,8 +398,8 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
     agg = FedAvg(global_params, names)
     loss_sum, steps = 0.0, 0
     obs = _Observations()
-    for lo in range(0, len(clients), tp.clients_per_chunk):
-        chunk = _clients(clients[lo: lo + tp.clients_per_chunk], pool, rnd, tp, memory, sparse)
+    for users, mem_ids, mem_pos in client_chunks(clients, memory, tp.clients_per_chunk):
+        chunk = _clients(users, mem_ids, mem_pos, pool, rnd, tp, sparse)
         chunk.sort(key=lambda c: -len(c.plan))   # the clients still training at step s are a prefix
         w = pool.num_targets[torch.tensor([c.u for c in chunk])].to(device=device, dtype=torch.float32)
         rows = _padded_rows(chunk).to(device) if sparse else None

@@ -34,13 +34,9 @@ class FedAvg:
 
     def add(self, local: dict[str, torch.Tensor], weight: float, rows: dict[str, torch.Tensor] | None = None) -> None:
         """One client's trained weights; ``rows[k]`` [R]: local[k] holds only those rows of the global tensor."""
-        for k in self.names:
-            r = (rows or {}).get(k)
-            if r is None:
-                self.acc[k].add_(local[k].detach() - self.global_params[k], alpha=weight)
-            else:
-                self.acc[k].index_add_(0, r, local[k].detach() - self.global_params[k][r], alpha=weight)
-        self.total_w += weight
+        part = PartialSum(self.global_params, self.names)
+        part.add(local, weight, rows)
+        self.add_partial(part.finish())
 
     def add_stacked(self, local: dict[str, torch.Tensor], weights: torch.Tensor,
                     rows: dict[str, torch.Tensor] | None = None) -> None:

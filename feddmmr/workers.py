@@ -98,7 +98,7 @@ class Workers:
     """``n`` forked processes that train chunks of clients for ``train_round_sequential(..., workers=...)``."""
 
     def __init__(self, model: nn.Module, pool: ClientPool, n: int):
-        self.model, self.pool, self.n = model, pool, n
+        self.model, self.pool = model, pool
         _share_parameters(model)
         ctx = mp.get_context("fork")
         self.procs, self.conns = [], []
