@@ -32,6 +32,7 @@ from .data import Prepared, left_pad
 from .errors import FeddmmrError
 from .memory import MemoryBank
 from .model.loss import batch_loss
+from .rows import take_rows
 from .server import FedAvg, PartialSum
 
 CLIENT_OPTIMIZERS = ("sgd", "adam")   # the local optimizer, fresh every round
@@ -138,7 +139,7 @@ class LocalCatalogue:
 
 def local_tables(model: nn.Module, params: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """The item table's rows and the model's item buffers for local catalogue(s) ``rows`` [R] or [a, R]."""
-    return {ITEM_TABLE: params[ITEM_TABLE][rows], **model.item_buffers(rows)}
+    return {ITEM_TABLE: take_rows(params[ITEM_TABLE], rows), **model.item_buffers(rows)}
 
 
 def use_sparse(names: list[str], tp: TrainParams) -> bool:

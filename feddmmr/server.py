@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .rows import take_rows
+
 
 def select_clients(num_users: int, fraction: float, rnd: int, seed: int) -> list[int]:
     """Uniform sample without replacement of max(1, round(fraction * U)) clients, seeded per round."""
@@ -47,7 +49,7 @@ class FedAvg:
             if r is None:
                 self.acc[k].add_(torch.tensordot(weights, local[k] - self.global_params[k], dims=1))
             else:
-                delta = (local[k] - self.global_params[k][r]) * weights.view(-1, *[1] * (local[k].dim() - 1))
+                delta = (local[k] - take_rows(self.global_params[k], r)) * weights.view(-1, *[1] * (local[k].dim() - 1))
                 self.acc[k].index_add_(0, r.flatten(), delta.flatten(0, 1))
         self.total_w += float(weights.sum())
 
@@ -62,8 +64,11 @@ class FedAvg:
         self.total_w += part.total_w
 
     def result(self) -> dict[str, torch.Tensor]:
-        return {k: v + self.acc[k] / self.total_w if k in self.names else v.clone()
-                for k, v in self.global_params.items()}
+        """The averaged weights, computed in the accumulator (no second copy of a large table); tensors outside
+        ``names`` are the global tensors themselves. Call once."""
+        out = {k: self.acc.pop(k).div_(self.total_w).add_(v) if k in self.names else v
+               for k, v in self.global_params.items()}
+        return out
 
 
 class PartialSum:
@@ -71,7 +76,8 @@ class PartialSum:
     what an intermediate aggregator (a worker that trains a chunk of clients) hands to ``FedAvg``.
 
     Updates sent as rows are summed over the union of the clients' rows, so the sum is as large as the
-    items the group touched, not the catalogue. Clients are summed in the order they are added.
+    items the group touched, not the catalogue; the parts held meanwhile are summed into one whenever
+    they outgrow the table. Clients are summed in the order they are added.
     """
 
     def __init__(self, global_params: dict[str, torch.Tensor], names: list[str]):
@@ -89,25 +95,27 @@ class PartialSum:
                 delta = local[k].detach() - self.global_params[k]
                 self.dense[k] = delta.mul_(weight) if k not in self.dense else self.dense[k].add_(delta, alpha=weight)
                 continue
-            delta = (local[k].detach() - self.global_params[k][r]).mul_(weight)
+            delta = (local[k].detach() - take_rows(self.global_params[k], r)).mul_(weight)
             if k in self.dense:
                 self.dense[k].index_add_(0, r, delta)
                 continue
-            self.parts.setdefault(k, []).append((r, delta))
-            if sum(len(r) for r, _ in self.parts[k]) >= len(self.global_params[k]):   # as large as the table:
-                self.dense[k] = self._sum_rows(self.parts.pop(k), len(self.global_params[k]))[1]  # sum it densely
+            parts = self.parts.setdefault(k, [])
+            parts.append((r, delta))
+            if sum(len(r) for r, _ in parts) >= len(self.global_params[k]):   # held rows as many as the table's:
+                self.parts[k] = [self._sum_rows(parts)]                        # one part over their union
         self.total_w += weight
 
     @staticmethod
-    def _sum_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], table_rows: int | None = None):
-        """(rows, sum) of row-wise updates: over their union, or the whole table (rows None) if ``table_rows``.
-        Either way each row receives its clients' updates in order, so both give the same numbers."""
-        rows = torch.cat([r for r, _ in parts])
-        values = torch.cat([v for _, v in parts])
-        if table_rows is not None:
-            return None, values.new_zeros((table_rows,) + values.shape[1:]).index_add_(0, rows, values)
-        union, inverse = torch.unique(rows, return_inverse=True)                     # sorted rows
-        return union, values.new_zeros((len(union),) + values.shape[1:]).index_add_(0, inverse, values)
+    def _sum_rows(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, sum) of row-wise updates over the union of their rows (sorted). Each row receives its
+        clients' updates in order, so summing in steps gives the same numbers as summing once."""
+        if len(parts) == 1:
+            return parts[0]
+        union, inverse = torch.unique(torch.cat([r for r, _ in parts]), return_inverse=True)
+        total = parts[0][1].new_zeros((len(union),) + parts[0][1].shape[1:])
+        for (_, values), target in zip(parts, inverse.split([len(r) for r, _ in parts])):
+            total.index_add_(0, target, values)                  # no concatenated copy of the values
+        return union, total
 
     def finish(self) -> "PartialSum":
         """Sum the row-wise updates; ``sums[k]`` is then (rows [U] or None for the whole tensor, sum)."""
@@ -115,6 +123,20 @@ class PartialSum:
         self.sums.update({k: self._sum_rows(parts) for k, parts in self.parts.items()})
         self.dense, self.parts, self.global_params = {}, {}, {}
         return self
+
+    def __getstate__(self) -> dict:
+        """Pickled with the sums as NumPy arrays: one copy each way (a tensor pickles through torch.save,
+        several times slower to load), as a worker's result crosses a pipe every chunk."""
+        if self.dense or self.parts:
+            raise RuntimeError("a PartialSum is pickled after finish()")
+        sums = {k: (None if r is None else r.numpy(), v.detach().cpu().numpy()) for k, (r, v) in self.sums.items()}
+        return {"names": self.names, "total_w": self.total_w, "sums": sums}
+
+    def __setstate__(self, state: dict) -> None:
+        self.names, self.total_w = state["names"], state["total_w"]
+        self.global_params, self.dense, self.parts = {}, {}, {}
+        self.sums = {k: (None if r is None else torch.from_numpy(r), torch.from_numpy(v))
+                     for k, (r, v) in state["sums"].items()}
 
 
 class ServerOptimizer:
@@ -136,16 +158,17 @@ class ServerOptimizer:
         raise NotImplementedError
 
     def step(self, current: dict[str, torch.Tensor], averaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The new global tensors from the current ones and FedAvg's ``averaged``, whose tensors it may overwrite
+        (a server step over a large item table makes no copy of it beyond one scratch buffer)."""
         if self.identity():
             return averaged
         self.t += 1
         out = {}
         for k, theta in current.items():
-            delta = averaged[k] - theta
-            if not delta.any() and k not in self.m:
+            if k not in self.m and torch.equal(averaged[k], theta):
                 out[k] = averaged[k]
                 continue
-            out[k] = self.update(k, theta, delta)
+            out[k] = self.update(k, theta, averaged[k].sub_(theta))
         return out
 
     def state_dict(self) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -168,7 +191,7 @@ class FedAvgM(ServerOptimizer):
     def update(self, k, theta, delta):
         m = self.m.get(k)
         self.m[k] = m = delta.clone() if m is None else m.mul_(self.momentum).add_(delta)
-        return theta + self.lr * m
+        return torch.mul(m, self.lr, out=delta).add_(theta)                   # theta + lr * m, in delta's buffer
 
 
 class FedAdam(ServerOptimizer):
@@ -183,9 +206,9 @@ class FedAdam(ServerOptimizer):
         b1 = self.momentum
         m = self.m.setdefault(k, torch.zeros_like(delta)).mul_(b1).add_(delta, alpha=1 - b1)
         v = self.v.setdefault(k, torch.zeros_like(delta)).mul_(self.beta2).addcmul_(delta, delta, value=1 - self.beta2)
-        m_hat = m / (1 - b1 ** self.t)
-        v_hat = v / (1 - self.beta2 ** self.t)
-        return theta + self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        denom = torch.div(v, 1 - self.beta2 ** self.t).sqrt_().add_(self.eps)      # sqrt(v_hat) + eps
+        step = torch.div(m, 1 - b1 ** self.t, out=delta).mul_(self.lr).div_(denom)  # lr * m_hat / denom
+        return step.add_(theta)
 
 
 SERVER_OPTIMIZERS = {"sgd": FedAvgM, "adam": FedAdam}   # params: <stage>.server_optimizer

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modalities import NAMES, QUERY
+from ..rows import take_rows
 from .experts import MemoryExpert
 from .router import Router
 from .sasrec import SASRec, score_items
@@ -119,8 +120,8 @@ class FedDMMR(nn.Module):
         same rows they form a local catalogue in which item ``rows[j]`` is item j (``functional_call``)."""
         if not self.multimodal:
             return {}
-        out = {f"features_{m}": getattr(self, f"features_{m}")[rows] for m in self.modalities}
-        out["avail"] = self.avail[rows]
+        out = {f"features_{m}": take_rows(getattr(self, f"features_{m}"), rows) for m in self.modalities}
+        out["avail"] = take_rows(self.avail, rows)
         return out
 
     # ------------------------------------------------------------------ backbone
