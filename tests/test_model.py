@@ -174,7 +174,7 @@ def test_memory_slots_from_the_future_are_invisible_in_training():
 
 
 def test_candidate_scores_and_their_gradients_equal_the_plain_gather():
-    """GatherDot (embedding_bag / index_add backward) equals autograd through gather + mat-vec, alone and
+    """GatherDot (embedding_bag backwards: WeightedBags, RowSums) equals autograd through gather + mat-vec, alone and
     under vmap(grad) with a per-client table and with one shared table."""
     import torch.nn.functional as F
     from torch.func import grad, vmap
@@ -192,6 +192,16 @@ def test_candidate_scores_and_their_gradients_equal_the_plain_gather():
         want = vmap(grad(lambda E, h, c: (plain(E, h, c) ** 2).sum(), argnums=(0, 1)), in_dims=(E_dim, 0, 0))(Ein, hs, cs)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_row_sums_sort_pairs_stably_on_either_path():
+    """RowSums groups (p, j) pairs by row with a stable sort: NumPy's 16-bit radix sort for small tables on CPU,
+    torch's sort otherwise; both give torch's stable order, so a row sums its pairs in the same order."""
+    from feddmmr.model.sasrec import _stable_argsort
+    keys = torch.randint(0, 300, (5000,), generator=torch.Generator().manual_seed(0))
+    want = torch.argsort(keys, stable=True)
+    assert torch.equal(_stable_argsort(keys, 300), want)
+    assert torch.equal(_stable_argsort(keys, 2 ** 20), want)
 
 
 def test_dropout_zeroes_at_its_rate_and_keeps_the_expectation():
