@@ -93,7 +93,10 @@ class Evaluator:
 
     def evaluate(self, model: torch.nn.Module, split: str, memory=None) -> dict:
         """{full: metrics, sampled: metrics}, plus ``nonfinite_scores`` when the model produced any."""
-        full, sampled = self.ranks(model, split, memory)
+        return self.summarize(*self.ranks(model, split, memory))
+
+    def summarize(self, full: torch.Tensor, sampled: torch.Tensor) -> dict:
+        """``evaluate``'s metrics from the ranks of the last ``ranks`` call."""
         out: dict = {"full": rank_metrics(full, self.ks)}
         if len(sampled):
             out["sampled"] = rank_metrics(sampled, self.ks)

@@ -51,6 +51,7 @@ from .modalities import NAMES
 from .resume import Progress, ResumeState, code_sha256, rng_state, set_rng_state
 from .runtime import ThreadPool
 from .server import SERVER_OPTIMIZERS, ServerOptimizer, select_clients
+from .stats import TEST_RANKS
 from .tracking import StageRun, flatten, stage_diff
 from .workers import round_executor
 
@@ -494,7 +495,8 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
            init_dir: Path | None, export: dict | None) -> dict:
     """Test the best round; write checkpoint, metrics and the MLflow records; then drop the resume state."""
     stage, model, memory, history = setup.stage, setup.model, setup.memory, state.history
-    test = setup.evaluator.evaluate(model, "test", memory)
+    ranks = setup.evaluator.ranks(model, "test", memory)
+    test = setup.evaluator.summarize(*ranks)
     _check_finite(stage, state.best_round, setup.tp, val=test)
     history["best_round"], history["test"] = state.best_round, test
     if memory is not None:
@@ -505,7 +507,7 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
         metrics["gating_weight"] = history["router"][state.best_round]["gating_weight"]
     if state.diverged:
         metrics["diverged"] = history["diverged"] = state.diverged
-    artifacts = ["config.json", "train_history.json"] + (["load_report.json"] if setup.report else [])
+    artifacts = ["config.json", "train_history.json", TEST_RANKS] + (["load_report.json"] if setup.report else [])
     with atomic_dir(out_dir) as tmp:
         save_tensors(tmp / "model.safetensors", model.state_dict(), metadata={"stage": stage})
         if memory is not None:
@@ -514,6 +516,8 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
                                          **({"diverged": state.diverged} if state.diverged else {})})
         write_json(tmp / "train_history.json", {k: v for k, v in history.items() if k != "seconds"})
         (tmp / "rounds.csv").write_text(_rounds_csv(history))
+        save_tensors(tmp / TEST_RANKS, {p: r.to(torch.int32) for p, r in zip(("full", "sampled"), ranks) if len(r)},
+                     metadata={"stage": stage, "split": "test"})       # per user: paired tests (feddmmr compare)
         if setup.report:
             write_json(tmp / "load_report.json", setup.report)
     write_json(metrics_path, metrics)

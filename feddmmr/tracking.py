@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import FeddmmrError, TrackingIncomplete
 from .interrupts import shielded
+from .io import load_tensors
 
 log = logging.getLogger("feddmmr")
 EXPERIMENT = "feddmmr"
@@ -371,7 +372,42 @@ def compare(pipeline: str | None = None, protocol: str = "full") -> str:
             vals.append(("-" if v is None else (f"{int(v)}" if r == "best_round" else f"{v:.4f}")).rjust(18))
         lines.append(r.ljust(width) + "".join(vals))
     lines.append("status".ljust(width) + "".join(latest[s].info.status.rjust(18) for s in stages))
-    return "\n".join(lines)
+    return "\n".join(lines + _paired_lines(uri, latest, protocol))
+
+
+def _paired_lines(uri: str, runs: dict[str, Any], protocol: str) -> list[str]:
+    """Each later stage against the first, user by user on the test split (``stats.paired_test``)."""
+    from .stats import paired_test
+
+    ranks = {s: _test_ranks(uri, run.info.run_id, protocol) for s, run in runs.items()}
+    have = [s for s, r in ranks.items() if r is not None]
+    if len(have) < 2:
+        return [] if len(runs) < 2 else ["paired tests: fewer than two stage runs hold their per-user test ranks "
+                                         "(re-run the stages with this version: dvc repro -f)"]
+    base = have[0]
+    lines = ["", f"paired tests against {base}, per user on the test split ({protocol}): mean difference "
+                 "[95% paired-bootstrap interval], two-sided Wilcoxon signed-rank p"]
+    for s in have[1:]:
+        for metric in ("NDCG@10", "HR@10"):
+            lines.append(f"  {s}: {paired_test(ranks[base], ranks[s], metric).describe()}")
+    return lines
+
+
+def _test_ranks(uri: str, run_id: str, protocol: str):
+    """A stage run's per-user test ranks under ``protocol`` [U], or None when the run has none."""
+    import tempfile
+
+    import mlflow
+
+    from .stats import TEST_RANKS
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=TEST_RANKS, tracking_uri=uri,
+                                                       dst_path=tmp)
+        except Exception:  # an older run, or one whose artifacts were not recorded
+            return None
+        ranks = load_tensors(path, "test ranks", "re-run the stage")
+    return ranks[protocol].numpy() if protocol in ranks else None
 
 
 def module_of(name: str) -> str:

@@ -149,6 +149,18 @@ def test_later_stages_log_load_report_param_diff_and_router_curves(tiny_prepared
     assert client.get_metric_history(run["finetune_moe"].info.run_id, "router.w_visual")
     table = compare()
     assert all(s in table for s in ("pretrain_sasrec", "align_projectors", "finetune_moe"))
+    # per-user test ranks beside each checkpoint and in MLflow: compare tests each stage against the first
+    from feddmmr.io import load_tensors
+    from feddmmr.stats import paired_test, per_user
+    ranks = {s: load_tensors(tmp_path / "ck" / s / "test_ranks.safetensors", "ranks", "")["full"].numpy()
+             for s in run}
+    users = load_prepared(tiny_prepared).num_users
+    assert all(r.shape == (users,) and r.min() >= 1 for r in ranks.values())
+    written = json.loads((tmp_path / "finetune_moe.json").read_text())["test"]["full"]
+    assert per_user(ranks["finetune_moe"], "NDCG@10").mean() == pytest.approx(written["NDCG@10"], abs=1e-12)
+    for stage in ("align_projectors", "finetune_moe"):
+        want = paired_test(ranks["pretrain_sasrec"], ranks[stage], "NDCG@10").describe()
+        assert f"  {stage}: {want}" in table.splitlines()
 
 
 def test_a_signal_during_a_store_write_waits_for_the_write(tmp_path, monkeypatch):
