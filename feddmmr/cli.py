@@ -21,7 +21,8 @@ Steps (each also a DVC stage in dvc.yaml):
   features  item features: `features text` (sentence-transformers) and `features visual` (open_clip)
   train     federated training of a stage: pretrain_sasrec -> align_projectors -> finetune_moe
   evaluate  evaluate a stage checkpoint (full ranking and 1+100 sampled negatives)
-  compare   the stages' metrics side by side, from MLflow
+  baseline  evaluate a reference recommender (popularity) the same way
+  compare   the stages' metrics side by side, with paired tests per user, from MLflow
   recommend top-k items for a user, a file of users or a new user's history
   make-demo write the small synthetic dataset used as the embedded default
 """
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _features_parser(sub)
     _train_parser(sub)
     _evaluate_parser(sub)
+    _baseline_parser(sub)
     _compare_parser(sub)
     _recommend_parser(sub)
     _make_demo_parser(sub)
@@ -120,6 +122,19 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--features", default="features",
                    help="feature folder of a multimodal checkpoint (default: features)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="split to evaluate (default: test)")
+
+
+def _baseline_parser(sub) -> None:
+    p = sub.add_parser("baseline", help="evaluate a reference recommender (popularity)",
+                       description="Evaluate a baseline exactly as the stages are evaluated (both protocols, the same "
+                                   "negatives) and write its metrics, per-user test ranks and MLflow run, so that "
+                                   "`feddmmr compare` shows it beside the stages. popularity: items ranked by their "
+                                   "number of training interactions.")
+    _add_params(p)
+    p.add_argument("name", choices=["popularity"], help="the baseline")
+    p.add_argument("--data", default="data/prepared", help="prepared data directory (default: data/prepared)")
+    p.add_argument("--out", help="output directory (default: checkpoints/<name>)")
+    p.add_argument("--metrics", help="metrics file (default: metrics/<name>.json)")
 
 
 def _compare_parser(sub) -> None:
@@ -208,6 +223,12 @@ def run(args: argparse.Namespace) -> int:
         metrics = train_stage(args.stage, params, args.data, out, metrics_path, progress=not args.quiet,
                               features_dir=args.features, init_dir=args.init, restart=args.restart)
         print(json.dumps({k: metrics[k] for k in ("stage", "best_round", "seconds_per_round", "test")}, indent=2))
+        return 0
+    if args.command == "baseline":
+        from .baselines import run_baseline
+        metrics = run_baseline(args.name, params, args.data, args.out or f"checkpoints/{args.name}",
+                               args.metrics or f"metrics/{args.name}.json")
+        print(json.dumps({k: metrics[k] for k in ("stage", "test")}, indent=2))
         return 0
     if args.command == "evaluate":
         from .data import load_prepared

@@ -51,8 +51,8 @@ from .modalities import NAMES
 from .resume import Progress, ResumeState, code_sha256, rng_state, set_rng_state
 from .runtime import ThreadPool
 from .server import SERVER_OPTIMIZERS, ServerOptimizer, select_clients
-from .stats import TEST_RANKS
-from .tracking import StageRun, flatten, stage_diff
+from .stats import TEST_RANKS, save_test_ranks
+from .tracking import StageRun, flatten, prefixed, stage_diff
 from .workers import round_executor
 
 log = logging.getLogger("feddmmr")
@@ -286,13 +286,9 @@ def _resume_inputs(stage: str, sections: dict, data_dir, init_dir: Path | None) 
             "start": start, "code": code_sha256(), "torch": torch.__version__}
 
 
-def _round_metrics(val: dict, prefix: str = "val") -> dict[str, float]:
-    return {f"{prefix}.{k}": v for k, v in flatten(val).items()}
-
-
 def _round_record(history: dict, i: int, with_memory: bool) -> dict[str, float]:
     """What MLflow records for round ``i`` (round 0: the starting model's validation)."""
-    record = {**_round_metrics(history["val"][i]), **history["router"][i]}
+    record = {**prefixed(history["val"][i]), **history["router"][i]}
     if i:
         record.update(train_loss=history["train_loss"][i], round_seconds=history["seconds"][i])
         if with_memory:
@@ -516,8 +512,7 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
                                          **({"diverged": state.diverged} if state.diverged else {})})
         write_json(tmp / "train_history.json", {k: v for k, v in history.items() if k != "seconds"})
         (tmp / "rounds.csv").write_text(_rounds_csv(history))
-        save_tensors(tmp / TEST_RANKS, {p: r.to(torch.int32) for p, r in zip(("full", "sampled"), ranks) if len(r)},
-                     metadata={"stage": stage, "split": "test"})       # per user: paired tests (feddmmr compare)
+        save_test_ranks(tmp, ranks, stage)                                  # per user: paired tests (compare)
         if setup.report:
             write_json(tmp / "load_report.json", setup.report)
     write_json(metrics_path, metrics)
@@ -531,7 +526,7 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
     train_seconds = history["seconds"][1:]   # wall clock goes to MLflow only: DVC outputs stay reproducible
     metrics["seconds_per_round"] = sum(train_seconds) / max(1, len(train_seconds))
     final = {"best_round": state.best_round, "seconds_per_round": metrics["seconds_per_round"],
-             **_round_metrics(test, "test"), **_round_metrics(metrics["val"], "best_val")}
+             **prefixed(test, "test"), **prefixed(metrics["val"], "best_val")}
     try:
         tracker.finish(record, state.round, final, [Path(out_dir) / a for a in artifacts] + [Path(metrics_path)],
                        Path(out_dir), param_diff=diff,

@@ -12,11 +12,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import numpy as np
+import torch
 
 TEST_RANKS = "test_ranks.safetensors"   # beside a stage's checkpoint and in its MLflow run: {full, sampled} [U]
 BOOTSTRAP_SAMPLES = 10_000
 LEVEL = 0.95
+
+
+def save_test_ranks(out_dir: Path, ranks: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+    """A stage's (or baseline's) test ranks (full, sampled) [U] as ``<out_dir>/test_ranks.safetensors``."""
+    from .io import save_tensors
+
+    tensors = {p: r.to(torch.int32) for p, r in zip(("full", "sampled"), ranks) if len(r)}
+    save_tensors(Path(out_dir) / TEST_RANKS, tensors, metadata={"stage": stage, "split": "test"})
 
 
 def per_user(ranks: np.ndarray, metric: str) -> np.ndarray:

@@ -105,6 +105,11 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def prefixed(metrics: dict, prefix: str = "val") -> dict[str, float]:
+    """Nested evaluation metrics as flat MLflow-style names: ``{prefix}.full.NDCG@10``."""
+    return {f"{prefix}.{k}": v for k, v in flatten(metrics).items()}
+
+
 def metric_name(name: str) -> str:
     """MLflow metric names allow letters, digits, '_', '-', '.', ' ', '/': HR@10 -> HR_at_10."""
     return name.replace("@", "_at_")
@@ -400,6 +405,7 @@ def _test_ranks(uri: str, run_id: str, protocol: str):
     import mlflow
 
     from .stats import TEST_RANKS
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # a table, not progress bars
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=TEST_RANKS, tracking_uri=uri,

@@ -27,7 +27,8 @@ from feddmmr.modalities import NAMES
 from flows.workspace import StepFailed, Workspace, experiment_name
 
 TRAIN_STEPS = ("pretrain_sasrec", "align_projectors", "finetune_moe")
-STEPS = ("prepare", *(f"features_{m}" for m in NAMES)) + TRAIN_STEPS
+BASELINE_STEPS = ("popularity",)                        # evaluated like the stages, shown beside them
+STEPS = ("prepare", *(f"features_{m}" for m in NAMES)) + TRAIN_STEPS + BASELINE_STEPS
 Dataset = Literal["params", "demo", "ml-1m-top1000", "ml-100k"]
 PROTOCOLS = ("full", "sampled")
 
@@ -158,7 +159,7 @@ def pipeline(overrides: list[str] | None = None, dataset: Dataset = "params", da
         future = step_task.with_options(name=task_name(step), task_run_name=task_name(step)).submit(
             ws, step, wait_for=previous)
         ran[step], previous = future.result(), [future]
-    metrics = {s: ws.read_json(f"metrics/{s}.json") for s in TRAIN_STEPS}
+    metrics = {s: ws.read_json(f"metrics/{s}.json") for s in TRAIN_STEPS + BASELINE_STEPS}
     save_task.submit(ws, metrics, wait_for=previous).result()
     print(f"DVC experiment {name}: " + ", ".join(f"{s} {'ran' if ran[s] else 'restored'}" for s in STEPS))
     return {"experiment": name, "ran": [s for s in STEPS if ran[s]], "metrics": metrics}
