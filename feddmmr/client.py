@@ -143,8 +143,9 @@ def local_tables(model: nn.Module, params: dict[str, torch.Tensor], rows: torch.
 
 
 def use_sparse(names: list[str], tp: TrainParams) -> bool:
-    """Local catalogues unless client weight decay must shrink every row of a trained item table."""
-    return not (ITEM_TABLE in names and tp.weight_decay)
+    """Local catalogues unless a trained item table is touched in every row: by client weight decay, which
+    shrinks every row, or by the full-softmax loss, which scores every item."""
+    return not (ITEM_TABLE in names and (tp.weight_decay or tp.loss == "full"))
 
 
 def _step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, t: int,

@@ -58,7 +58,7 @@ class TrainParams:
     server_lr: float = 0.01          # server step size (sgd with 1.0 and momentum 0 = plain FedAvg)
     server_momentum: float = 0.9     # sgd: FedAvgM momentum; adam: beta1
     num_negatives: int = 20          # sampled negatives per training position
-    loss: str = "ce"                 # ce (sampled softmax) | bpr
+    loss: str = "ce"                 # ce (sampled softmax) | bpr | full (softmax over every item; stage 1)
     patience: int = 15               # rounds without improvement before stopping
     selection_metric: str = "full/NDCG@10"
     keep: str = "best"               # checkpoint keeps the best validation round | the last round

@@ -46,7 +46,7 @@ from .io import atomic_dir, exclusive, file_sha256, load_tensors, nonfinite, rea
 from .memory import MemoryBank, combined_features
 from .metrics import Evaluator, pick
 from .model import GROUPS, FedDMMR, FedDMMRConfig, group_of
-from .model.loss import LOSSES
+from .model.loss import FULL_LOSS_STAGES, LOSSES
 from .modalities import NAMES
 from .resume import Progress, ResumeState, code_sha256, rng_state, set_rng_state
 from .runtime import ThreadPool
@@ -172,6 +172,9 @@ def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
     unknown = sorted(set(tp.freeze) - set(GROUPS))
     if unknown:
         raise FeddmmrError(f"{stage}.freeze names unknown groups {unknown}; groups: {', '.join(GROUPS)}")
+    if tp.loss == "full" and STAGE_SPECS[stage].multimodal:
+        raise FeddmmrError(f"{stage}.loss: full (softmax over every item) applies to {FULL_LOSS_STAGES}; the "
+                           f"multimodal stages score sampled candidates: set {stage}.loss to ce or bpr")
     if isinstance(tp, MultimodalTrainParams):
         allowed = STAGE_SPECS[stage].init_from
         if tp.init_from not in allowed:

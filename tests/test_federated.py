@@ -197,6 +197,27 @@ def test_a_client_weight_decay_trains_the_whole_item_table(setup):
     assert use_sparse(["sasrec.item_emb.weight"], tiny_params().pretrain_sasrec)
 
 
+def test_full_softmax_trains_every_item_row_with_either_executor(setup):
+    """loss: full scores every item, so the round trains the dense table (no local catalogues) and both
+    executors agree; every real item's row moves."""
+    data, pool = setup
+    params = tiny_params(loss="full", clients_per_chunk=7, lr=0.1)
+    params.model.dropout = 0.0
+    model = build_model(params, data)
+    clients = select_clients(data.num_users, 0.5, rnd=1, seed=0)
+    tp = params.pretrain_sasrec
+    seq = train_round_sequential(model, clients, pool, 1, tp)
+    vec = train_round_vectorized(model, clients, pool, 1, tp)
+    for k in seq.state:
+        torch.testing.assert_close(vec.state[k], seq.state[k], rtol=1e-4, atol=1e-5, msg=k)
+    table = "sasrec.item_emb.weight"
+    before = model.state_dict()[table]
+    moved = (seq.state[table] != before).any(1)
+    assert moved[1:].all() and not moved[0]                        # every real item, never the padding row
+    dense = train_round_sequential(model, clients, pool, 1, tp, sparse=False)
+    assert all(torch.equal(dense.state[k], seq.state[k]) for k in seq.state)   # the default is the dense table
+
+
 def test_auto_executor_is_the_sequential_loop_on_cpu_and_the_stacked_one_on_gpu():
     from feddmmr.client import resolve_executor
     assert resolve_executor("auto", torch.device("cpu")) == "sequential"

@@ -214,3 +214,32 @@ def test_dropout_zeroes_at_its_rate_and_keeps_the_expectation():
     assert not torch.equal(y, drop(x))                       # fresh draws every call
     drop.eval()
     assert torch.equal(drop(x), x)
+
+
+def test_full_softmax_loss_is_cross_entropy_over_every_item():
+    """loss: full scores every real item; it is the cross entropy of the target among all of them, padding
+    targets excluded; the multimodal model refuses it (its experts score sampled candidates)."""
+    import pytest
+    import torch.nn.functional as F
+    from torch.func import functional_call
+    from feddmmr.config import TrainParams
+    from feddmmr.model import FedDMMR, FedDMMRConfig
+    from feddmmr.model.loss import batch_loss
+    torch.manual_seed(0)
+    m = FedDMMR(FedDMMRConfig(num_items=30, max_seq_len=8, hidden=16, blocks=1, heads=2, ffn_hidden=16,
+                              dropout=0.0, gating_init=0.1, router_hidden=8)).eval()
+    x = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9]])
+    y = torch.tensor([[0, 0, 4, 5, 6, 7, 8, 30], [2, 3, 4, 5, 6, 7, 9, 11]])
+    neg = torch.randint(1, 31, (2, 8, 4))
+    params = dict(m.named_parameters())
+    z = torch.zeros(1, dtype=torch.long)
+    loss, surprise = batch_loss(m, params, x, y, torch.zeros_like(y), neg, z, z, TrainParams(loss="full"))
+    logits = m.encode(x) @ m.sasrec.item_emb.weight[1:].T                      # [2, 8, 30]
+    real = y > 0
+    torch.testing.assert_close(loss, F.cross_entropy(logits[real], y[real] - 1))
+    p = torch.softmax(logits, -1).gather(-1, (y - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(surprise[real], 1 - p[real])
+    sampled, _ = batch_loss(m, params, x, y, torch.zeros_like(y), neg, z, z, TrainParams(loss="ce"))
+    assert not torch.allclose(sampled, loss)
+    with pytest.raises(ValueError, match="backbone"):
+        functional_call(_mm(), dict(_mm().named_parameters()), (x, None, torch.zeros_like(y), z, z))

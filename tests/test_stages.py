@@ -176,6 +176,10 @@ def test_which_groups_train_is_a_parameter(chain, tiny_prepared, tmp_path):
     with pytest.raises(FeddmmrError, match=r"finetune_moe.freeze names unknown groups \['decoder'\]"):
         train_stage("finetune_moe", p, tiny_prepared, tmp_path / "ck2", tmp_path / "m2.json", progress=False,
                     features_dir=root / "features", init_dir=root / "ck" / "align_projectors")
+    p.finetune_moe.freeze, p.finetune_moe.loss = [], "full"
+    with pytest.raises(FeddmmrError, match="finetune_moe.loss: full .* set finetune_moe.loss to ce or bpr"):
+        train_stage("finetune_moe", p, tiny_prepared, tmp_path / "ck3", tmp_path / "m3.json", progress=False,
+                    features_dir=root / "features", init_dir=root / "ck" / "align_projectors")
 
 
 def test_saved_tensors_are_byte_identical_whatever_the_metadata_order(tmp_path):

@@ -194,7 +194,7 @@ class FedDMMR(nn.Module):
                 mem_ids: torch.Tensor | None = None, mem_pos: torch.Tensor | None = None, align: bool = True):
         """Training scores of one client's batch.
 
-        seq [b, L] windows, cands [b, L, C] (positive first), target_pos [b, L] sequence index of each
+        seq [b, L] windows, cands [b, L, C] (positive first; None: every real item, backbone only), target_pos [b, L] sequence index of each
         target, mem_ids / mem_pos [K] the client's memory slots and the sequence index of their items.
         A slot is visible to a target only if its item came strictly earlier (no look-ahead).
         ``align=False`` skips the contrastive cosines (scoring only).
@@ -203,6 +203,10 @@ class FedDMMR(nn.Module):
         candidate embedding [b, L, C, M].
         """
         h = self.encode(seq)                                                                  # [b, L, d]
+        if cands is None:                                     # every real item (full softmax): backbone only
+            if self.multimodal:
+                raise ValueError("scoring every item in training is the backbone's alone (loss: full at stage 1)")
+            return h @ self.sasrec.item_emb.weight[1:].T, {}                                 # [b, L, I]
         base = score_items(self.sasrec.item_emb.weight, h, cands)                             # [b, L, C]
         if not self.multimodal:
             return base, {}

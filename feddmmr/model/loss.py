@@ -1,6 +1,7 @@
 """The training loss of one client's batch: recommendation, drift-adaptive alignment, router balance.
 
-    rec:   sampled softmax (ce) or BPR over the positive and N negatives, mean over real targets;
+    rec:   sampled softmax (ce) or BPR over the positive and N negatives, or softmax over the whole
+           catalogue (full: the backbone alone, stage 1), mean over real targets;
     align: drift-adaptive contrastive loss (multimodal stages): for each modality the positive's
            projected feature must pick the positive's embedding among the candidates' (InfoNCE,
            temperature tau), each target weighted by 1 + alpha * surprise, so targets the sequence
@@ -17,7 +18,8 @@ from torch.func import functional_call
 
 from ..config import TrainParams
 
-LOSSES = ("ce", "bpr")   # params: <stage>.loss
+LOSSES = ("ce", "bpr", "full")   # params: <stage>.loss
+FULL_LOSS_STAGES = "the backbone alone (pretrain_sasrec)"   # where ``full`` applies: the experts score sampled candidates
 
 
 def batch_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -28,17 +30,23 @@ def batch_loss(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tenso
     x, y, pos [b, L] windows, next-item targets (0 = none) and their sequence index; neg [b, L, N];
     mem_ids / mem_pos [K] the client's memory slots.
     """
-    cands = torch.cat([y.unsqueeze(-1), neg], dim=-1)                         # [b, L, 1+N], positive first
-    logits, extra = functional_call(model, params, (x, cands, pos, mem_ids, mem_pos))
-    mask = (y > 0).to(logits.dtype)
-    if tp.loss == "ce":
-        per_pos = torch.logsumexp(logits, -1) - logits[..., 0]
+    if tp.loss == "full":                                   # every real item competes (backbone only)
+        logits, extra = functional_call(model, params, (x, None, pos, mem_ids, mem_pos))  # [b, L, I]: item j+1
+        target = (y - 1).clamp(min=0).unsqueeze(-1)                               # [b, L, 1] column of y
+    else:                                                   # the positive and its N negatives
+        cands = torch.cat([y.unsqueeze(-1), neg], dim=-1)                         # [b, L, 1+N], positive first
+        logits, extra = functional_call(model, params, (x, cands, pos, mem_ids, mem_pos))
+        target = torch.zeros_like(y).unsqueeze(-1)
+    pos_logit = logits.gather(-1, target).squeeze(-1)                             # [b, L]
+    if tp.loss in ("ce", "full"):
+        per_pos = torch.logsumexp(logits, -1) - pos_logit
     elif tp.loss == "bpr":
         per_pos = F.softplus(logits[..., 1:] - logits[..., :1]).mean(-1)
     else:
-        raise ValueError(f"unknown loss {tp.loss!r} (ce | bpr)")
+        raise ValueError(f"unknown loss {tp.loss!r} ({' | '.join(LOSSES)})")
+    mask = (y > 0).to(logits.dtype)
     total = (per_pos * mask).sum() / mask.sum().clamp(min=1.0)
-    surprise = 1.0 - torch.softmax(logits.detach(), -1)[..., 0]               # [b, L]
+    surprise = 1.0 - torch.softmax(logits.detach(), -1).gather(-1, target).squeeze(-1)   # [b, L]
     if extra:
         total = _add_multimodal_terms(total, extra, mask, surprise, tp)
     return total, surprise
