@@ -23,6 +23,7 @@ Steps (each also a DVC stage in dvc.yaml):
   evaluate  evaluate a stage checkpoint (full ranking and 1+100 sampled negatives)
   baseline  evaluate a reference recommender (popularity) the same way
   compare   the stages' metrics side by side, with paired tests per user, from MLflow
+  sweep     the pipeline over several seeds (DVC experiments): intervals and paired tests
   recommend top-k items for a user, a file of users or a new user's history
   make-demo write the small synthetic dataset used as the embedded default
 """
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate_parser(sub)
     _baseline_parser(sub)
     _compare_parser(sub)
+    _sweep_parser(sub)
     _recommend_parser(sub)
     _make_demo_parser(sub)
     return parser
@@ -147,6 +149,19 @@ def _compare_parser(sub) -> None:
     p.add_argument("--protocol", default="full", choices=["full", "sampled"], help="evaluation protocol (default: full)")
 
 
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="the pipeline over several seeds: mean, 95%% interval, paired tests",
+                       description="Run the pipeline once per seed as a DVC experiment (dvc exp run --temp, named "
+                                   "seeds-<seed>-<tag>, each also an MLflow pipeline run) with every training "
+                                   "stage's seed set, then print each stage's test metrics as mean and 95% "
+                                   "Student-t interval over the seeds, and per seed the paired test of each stage "
+                                   "against pretrain_sasrec. Seeds already finished for the same commit, "
+                                   "params.yaml and overrides are not run again. Run it in the project folder.")
+    _add_params(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds (default: 42 43 44)")
+    p.add_argument("--protocol", default="full", choices=["full", "sampled"], help="evaluation protocol (default: full)")
+
+
 def _recommend_parser(sub) -> None:
     p = sub.add_parser("recommend", help="top-k items for users or a new user's history",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -202,7 +217,12 @@ def run(args: argparse.Namespace) -> int:
         from .tracking import compare
         print(compare(args.pipeline, args.protocol))
         return 0
-    params = load_params(args.params, args.overrides)
+    params = load_params(args.params, args.overrides)      # bad overrides fail here, in one line
+    if args.command == "sweep":
+        from .sweeps import run_seeds, summarize
+        names = run_seeds(".", args.seeds, args.overrides)
+        print(summarize(names, args.seeds, args.protocol))
+        return 0
     if args.command == "prepare":
         from .data import prepare
         meta = prepare(params.prepare, args.out)

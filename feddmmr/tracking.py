@@ -340,8 +340,9 @@ class StageRun:
             self._send(f"{status} status", self.client.set_terminated, self.run_id, status)
 
 
-def compare(pipeline: str | None = None, protocol: str = "full") -> str:
-    """Test and best-validation metrics of a pipeline run's stages, side by side, as a text table."""
+def pipeline_runs(pipeline: str | None = None) -> tuple[str, Any, dict[str, Any]]:
+    """(store URI, the pipeline's parent run, {stage: its latest run}) of pipeline run ``pipeline`` (a flow run's
+    or sweep's DVC experiment name, or the tag feddmmr.pipeline_key; default: the latest pipeline run)."""
     import mlflow
 
     uri = tracking_uri()
@@ -362,6 +363,12 @@ def compare(pipeline: str | None = None, protocol: str = "full") -> str:
     latest: dict[str, Any] = {}
     for run in children:  # the latest run of each stage
         latest[run.data.tags.get("feddmmr.stage", run.info.run_name)] = run
+    return uri, parent, latest
+
+
+def compare(pipeline: str | None = None, protocol: str = "full") -> str:
+    """Test and best-validation metrics of a pipeline run's stages, side by side, as a text table."""
+    uri, parent, latest = pipeline_runs(pipeline)
     if not latest:
         raise FeddmmrError(f"pipeline run {parent.info.run_id} has no stage runs yet")
     stages = list(latest)
@@ -384,7 +391,7 @@ def _paired_lines(uri: str, runs: dict[str, Any], protocol: str) -> list[str]:
     """Each later stage against the first, user by user on the test split (``stats.paired_test``)."""
     from .stats import paired_test
 
-    ranks = {s: _test_ranks(uri, run.info.run_id, protocol) for s, run in runs.items()}
+    ranks = {s: test_ranks(uri, run.info.run_id, protocol) for s, run in runs.items()}
     have = [s for s, r in ranks.items() if r is not None]
     if len(have) < 2:
         return [] if len(runs) < 2 else ["paired tests: fewer than two stage runs hold their per-user test ranks "
@@ -398,7 +405,7 @@ def _paired_lines(uri: str, runs: dict[str, Any], protocol: str) -> list[str]:
     return lines
 
 
-def _test_ranks(uri: str, run_id: str, protocol: str):
+def test_ranks(uri: str, run_id: str, protocol: str):
     """A stage run's per-user test ranks under ``protocol`` [U], or None when the run has none."""
     import tempfile
 

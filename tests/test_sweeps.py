@@ -1,0 +1,60 @@
+"""feddmmr sweep: one DVC experiment and MLflow pipeline run per seed, summarised with intervals and paired
+tests, on a scratch git + DVC project."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import git_dvc_project
+from feddmmr.stats import seed_interval
+
+BIN = Path(sys.executable).parent
+
+
+def sh(*cmd, cwd):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(tmp_path):
+    project = git_dvc_project(tmp_path / "project")
+    out = sh(BIN / "feddmmr", "sweep", "--seeds", "1", "2", "-S", "pretrain_sasrec.rounds=1", cwd=project)
+    assert "seed 1: running experiment seeds-1-" in out and "seed 2: running experiment seeds-2-" in out
+    names = [line.split("experiment ")[1].split(" ")[0] for line in out.splitlines() if ": running experiment" in line]
+
+    # DVC: an experiment per seed, every training stage's seed set, the user's checkout untouched
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=project))
+    exps = {e["name"]: e for row in shown for e in (row.get("experiments") or []) for e in e["revs"]}
+    for seed, name in zip((1, 2), names):
+        params = exps[name]["data"]["params"]["params.yaml"]["data"]
+        assert [params[s]["seed"] for s in ("pretrain_sasrec", "align_projectors", "finetune_moe")] == [seed] * 3
+        assert params["pretrain_sasrec"]["rounds"] == 1
+    assert sh("git", "status", "--porcelain", cwd=project) == ""
+
+    # MLflow: a pipeline run per seed; the table's mean and interval are those of the two runs
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("feddmmr")
+    values = []
+    for name in names:
+        parent, = client.search_runs([exp.experiment_id], filter_string=f"tags.`feddmmr.pipeline_key` = '{name}' "
+                                     "and tags.`feddmmr.kind` = 'pipeline'")
+        stages = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        final = {r.data.tags["feddmmr.stage"]: r for r in stages}
+        assert {"pretrain_sasrec", "align_projectors", "finetune_moe"} <= set(final)    # popularity: seed 1 only
+        values.append(final["finetune_moe"].data.metrics["test.full.NDCG_at_10"])
+    mean, half = seed_interval(values)
+    ndcg = next(line for line in out.splitlines() if line.startswith("NDCG@10")).split()
+    assert ndcg[7:10] == [f"{mean:.4f}", "±", f"{half:.4f}"]          # the finetune_moe column
+    assert sum(line.startswith("  seed ") for line in out.splitlines()) == 2 * 3   # 3 stages against the first
+
+    # the same sweep again runs nothing
+    again = sh(BIN / "feddmmr", "sweep", "--seeds", "1", "2", "-S", "pretrain_sasrec.rounds=1", cwd=project)
+    assert again.count("already finished") == 2 and "running" not in again
