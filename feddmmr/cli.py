@@ -24,6 +24,7 @@ Steps (each also a DVC stage in dvc.yaml):
   baseline  evaluate a reference recommender (popularity) the same way
   compare   the stages' metrics side by side, with paired tests per user, from MLflow
   sweep     the pipeline over several seeds (DVC experiments): intervals and paired tests
+  ablate    stage 3 retrained without each of its parts (DVC experiments): the ablation table
   recommend top-k items for a user, a file of users or a new user's history
   make-demo write the small synthetic dataset used as the embedded default
 """
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _baseline_parser(sub)
     _compare_parser(sub)
     _sweep_parser(sub)
+    _ablate_parser(sub)
     _recommend_parser(sub)
     _make_demo_parser(sub)
     return parser
@@ -162,6 +164,21 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--protocol", default="full", choices=["full", "sampled"], help="evaluation protocol (default: full)")
 
 
+def _ablate_parser(sub) -> None:
+    from .sweeps import ABLATIONS
+    listing = "; ".join(f"{a}: {' '.join(c) or 'no change'}" for a, c in ABLATIONS.items())
+    p = sub.add_parser("ablate", help="retrain stage 3 without each of its parts: the ablation table",
+                       description="Retrain finetune_moe once per ablation as a DVC experiment (dvc exp run --temp "
+                                   "--force --single-item finetune_moe, named ablation-<name>-<tag>, each also an "
+                                   "MLflow pipeline run), then print each one's test metrics and its paired test "
+                                   "against the full model. Run it in the project folder after `dvc repro`, with "
+                                   "dvc.lock tracked by git (the experiments start from the earlier stages' outputs "
+                                   "in the DVC cache). Ablations finished for the same "
+                                   f"commit, params.yaml and overrides are not run again. The ablations: {listing}.")
+    _add_params(p)
+    p.add_argument("--protocol", default="full", choices=["full", "sampled"], help="evaluation protocol (default: full)")
+
+
 def _recommend_parser(sub) -> None:
     p = sub.add_parser("recommend", help="top-k items for users or a new user's history",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -218,6 +235,10 @@ def run(args: argparse.Namespace) -> int:
         print(compare(args.pipeline, args.protocol))
         return 0
     params = load_params(args.params, args.overrides)      # bad overrides fail here, in one line
+    if args.command == "ablate":
+        from .sweeps import run_ablations, summarize_ablations
+        print(summarize_ablations(run_ablations(".", args.overrides), args.protocol))
+        return 0
     if args.command == "sweep":
         from .sweeps import run_seeds, summarize
         names = run_seeds(".", args.seeds, args.overrides)

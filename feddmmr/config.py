@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .errors import FeddmmrError
+from .modalities import NAMES
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +79,8 @@ class MultimodalTrainParams(TrainParams):
     surprise_alpha: float = 1.0          # per-target weight 1 + alpha * surprise
     load_balance_weight: float = 0.0     # router load-balancing loss weight
     gate_start: float | None = None      # start the residual gate at this value instead of the loaded one
+    modalities: list[str] = field(default_factory=lambda: list(NAMES))  # modalities the stage uses (others masked)
+    long_term: bool = True               # retrieve long-term memory slots (false: short-term slots only)
 
 
 def _align_defaults() -> MultimodalTrainParams:
@@ -250,6 +253,10 @@ def validate(params: Params) -> None:
         raise _bad("memory", "retrieve_lt", f"<= memory.lt_capacity ({mem.lt_capacity})", mem.retrieve_lt)
     if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
         raise _bad("evaluation", "ks", "a non-empty list of integers >= 1", ks)
+    for section in fields(params):
+        used = getattr(getattr(params, section.name), "modalities", None)
+        if used is not None and (not used or not set(used) <= set(NAMES) or len(set(used)) != len(used)):
+            raise _bad(section.name, "modalities", f"a non-empty list of distinct modalities out of {list(NAMES)}", used)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -82,9 +82,23 @@ def build_model(params: Params, data: Prepared, feature_dims: dict[str, int] | N
     return FedDMMR(FedDMMRConfig.from_params(params, data.num_items, data.max_seq_len, feature_dims))
 
 
-def build_memory(params: Params, data: Prepared, feats: dict[str, ModalityFeatures]) -> MemoryBank:
-    """Every client's two-tier memory, merging near-duplicates by the modalities' combined features."""
-    return MemoryBank(data.num_users, params.memory, combined_features({m: (f.table, f.mask) for m, f in feats.items()}))
+def build_memory(params: Params, data: Prepared, feats: dict[str, ModalityFeatures],
+                 tp: TrainParams | None = None) -> MemoryBank:
+    """Every client's two-tier memory, merging near-duplicates by the modalities' combined features (those
+    the stage ``tp`` uses)."""
+    return MemoryBank(data.num_users, stage_memory(params.memory, tp), combined_features(stage_features(feats, tp)))
+
+
+def stage_features(feats: dict[str, ModalityFeatures], tp: TrainParams | None = None,
+                   used: list[str] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(table, mask) per modality; a modality the stage does not use (``modalities``) is masked everywhere."""
+    used = list(used if used is not None else getattr(tp, "modalities", NAMES))
+    return {m: (f.table, f.mask if m in used else torch.zeros_like(f.mask)) for m, f in feats.items()}
+
+
+def stage_memory(memory: MemoryParams, tp: TrainParams | None = None) -> MemoryParams:
+    """The memory parameters of a stage: no long-term slots are retrieved when its ``long_term`` is false."""
+    return memory if getattr(tp, "long_term", True) else replace(memory, retrieve_lt=0)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -328,8 +342,8 @@ def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, da
             model.gating_weight.fill_(tp.gate_start)
     memory = None
     if spec.multimodal:
-        model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
-        memory = build_memory(params, data, feats)
+        model.set_features(stage_features(feats, tp))
+        memory = build_memory(params, data, feats, tp)
         if saved is None:      # on resume the saved round's memories replace them
             _continue_memories(stage, memory, init_dir)
     server = SERVER_OPTIMIZERS[tp.server_optimizer](tp.server_lr, tp.server_momentum)
@@ -393,7 +407,8 @@ def _checkpoint_config(stage: str, spec: StageSpec, params: Params, tp: TrainPar
               "model_config": asdict(model.config), "groups": groups, "best_round": None,
               "torch": torch.__version__}
     if spec.multimodal:
-        config.update(multimodal=asdict(params.multimodal), memory=asdict(params.memory), features=feature_sha)
+        config.update(multimodal=asdict(params.multimodal), memory=asdict(stage_memory(params.memory, tp)),
+                      features=feature_sha)
     return config
 
 
@@ -570,7 +585,7 @@ def load_checkpoint(ckpt_dir: str | Path, data: Prepared | None = None,
         if stale:
             raise FeddmmrError(f"{ckpt_dir} was trained on other {', '.join(stale)} features than those in "
                                f"{features_dir}; pass --features with the stage's features or re-run it (`dvc repro`)")
-        model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
+        model.set_features(stage_features(feats, used=config["train"].get("modalities", NAMES)))
         memory = MemoryBank(config["num_users"], MemoryParams(**config["memory"]))
         memory.load_state_dict(load_tensors(ckpt_dir / "memory.safetensors", "client memory", FIX))
     return model, config, memory

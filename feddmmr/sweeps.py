@@ -1,4 +1,4 @@
-"""The pipeline over several seeds, as DVC experiments, summarised with intervals and paired tests.
+"""Sets of DVC experiments, summarised: the pipeline over several seeds, and the ablations of stage 3.
 
 ``feddmmr sweep --seeds 42 43 44`` runs ``dvc exp run --temp -n seeds-<seed>-<tag>`` once per seed with
 every training stage's seed set to it (the split and the evaluation negatives stay those of
@@ -9,6 +9,10 @@ not run again, so a stopped sweep continues where it stopped, and changed code o
 experiments. The summary gives, per stage and the popularity floor, each test metric's mean with its 95%
 Student-t interval over seeds, and per seed the paired test of every stage against pretrain_sasrec. The
 floor does not depend on the seed: DVC restores it after the first seed, so it is recorded once.
+
+``feddmmr ablate`` retrains finetune_moe (``dvc exp run --temp --force --single-item finetune_moe``, after
+``dvc repro`` has cached the earlier stages and git tracks their dvc.lock) once per entry of ``ABLATIONS``, each a params change of that
+stage, and prints their test metrics with the paired test of each against the full model.
 """
 from __future__ import annotations
 
@@ -26,6 +30,16 @@ from .tracking import metric_name, pipeline_runs, test_ranks
 SEEDED = ("pretrain_sasrec", "align_projectors", "finetune_moe")   # the stages whose seed a sweep sets
 COLUMNS = SEEDED + ("popularity",)
 METRICS = ("HR@10", "NDCG@10", "MRR")
+ABLATED = "finetune_moe"
+ABLATIONS = {                              # name: the params change of finetune_moe (``dvc exp run -S``)
+    "full": [],
+    "backbone-only": ["finetune_moe.freeze=[item_embeddings,projections,gate,experts,router]",
+                      "finetune_moe.gate_start=0.0"],
+    "text-only": ["finetune_moe.modalities=[text]"],
+    "visual-only": ["finetune_moe.modalities=[visual]"],
+    "no-long-term-memory": ["finetune_moe.long_term=false"],
+    "no-contrastive-loss": ["finetune_moe.contrastive_weight=0.0"],
+}
 
 
 def sweep_tag(project: Path, overrides: list[str]) -> str:
@@ -35,26 +49,28 @@ def sweep_tag(project: Path, overrides: list[str]) -> str:
     return hashlib.sha256(b"\0".join([head.encode(), params, *(o.encode() for o in overrides)])).hexdigest()[:8]
 
 
-def _finished(name: str) -> bool:
+def _finished(name: str, stages: tuple[str, ...] = SEEDED) -> bool:
     try:
         _, _, runs = pipeline_runs(name)
     except FeddmmrError:
         return False
-    return all(s in runs and runs[s].info.status == "FINISHED" for s in SEEDED)
+    return all(s in runs and runs[s].info.status == "FINISHED" for s in stages)
 
 
-def _dvc_exp_run(project: Path, name: str, overrides: list[str]) -> None:
+def _dvc_exp_run(project: Path, name: str, overrides: list[str], stage: str | None = None) -> None:
+    """``dvc exp run --temp -n name`` (``stage``: that stage alone, retrained), recorded as MLflow pipeline run name."""
     dvc = Path(sys.executable).parent / "dvc"
     dvc = str(dvc) if dvc.exists() else "dvc"
     subprocess.run([dvc, "exp", "remove", name], cwd=project, capture_output=True)   # an unfinished attempt's
-    cmd = [dvc, "exp", "run", "--temp", "-n", name]
+    cmd = [dvc, "exp", "run", "--temp", "-n", name] + (["--force", "--single-item", stage] if stage else [])
     cmd += [arg for o in overrides for arg in ("-S", o)]
     proc = subprocess.run(cmd, cwd=project, env={**os.environ, "FEDDMMR_PIPELINE_RUN": name},
                           capture_output=True, text=True)
     if proc.returncode:
-        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        lines = (proc.stderr.strip() + "\n" + proc.stdout.strip()).strip().splitlines() or ["no output"]
+        last = next((line for line in lines if line.startswith("feddmmr: error:")), lines[-1])   # the step's own
         raise FeddmmrError(f"experiment {name} failed (dvc exp run exited {proc.returncode}): {last}; finished "
-                           f"seeds are kept: run the same sweep again after fixing it")
+                           f"experiments are kept: run the same command again after fixing it")
 
 
 def run_seeds(project: str | Path, seeds: list[int], overrides: list[str],
@@ -101,3 +117,36 @@ def summarize(names: list[str], seeds: list[int], protocol: str = "full") -> str
             if ranks[s] is not None and ranks[stages[0]] is not None:
                 lines.append(f"  seed {seed} {s}: {paired_test(ranks[stages[0]], ranks[s], 'NDCG@10').describe()}")
     return "\n".join(lines)
+
+
+def run_ablations(project: str | Path, overrides: list[str], say: Callable[[str], None] = print) -> dict[str, str]:
+    """Retrain finetune_moe once per ablation (skipping those already finished); {ablation: experiment name}."""
+    project = Path(project).resolve()
+    tag = sweep_tag(project, overrides)
+    names = {}
+    for ablation, change in ABLATIONS.items():
+        name = names[ablation] = f"ablation-{ablation}-{tag}"
+        if _finished(name, (ABLATED,)):
+            say(f"{ablation}: experiment {name} already finished")
+            continue
+        say(f"{ablation}: running experiment {name} ({' '.join(change) or 'the params as they are'})")
+        _dvc_exp_run(project, name, overrides + change, stage=ABLATED)
+    return names
+
+
+def summarize_ablations(names: dict[str, str], protocol: str = "full") -> str:
+    """Each ablation's test metrics and its paired test (NDCG@10, per user) against the full model."""
+    runs = {a: pipeline_runs(name) for a, name in names.items()}
+    stage = {a: latest[ABLATED] for a, (_, _, latest) in runs.items()}
+    ranks = {a: test_ranks(runs[a][0], run.info.run_id, protocol) for a, run in stage.items()}
+    lines = [f"{ABLATED} ablations, test ({protocol}); paired test of NDCG@10 against the full model, per user: "
+             "difference [95% paired-bootstrap interval], Wilcoxon p",
+             "ablation".ljust(22) + "".join(m.rjust(10) for m in METRICS) + "   against full"]
+    for a, run in stage.items():
+        values = "".join(f"{run.data.metrics.get(f'test.{protocol}.{metric_name(m)}', float('nan')):10.4f}"
+                         for m in METRICS)
+        test = "" if a == "full" or ranks[a] is None else paired_test(ranks["full"], ranks[a], "NDCG@10")
+        against = "" if not test else (f"   {test.diff:+.4f} [{test.low:+.4f}, {test.high:+.4f}] p = {test.p_value:.2g}"
+                                       f"{' *' if test.significant else ''}")
+        lines.append(a.ljust(22) + values + against)
+    return "\n".join(lines + ["(* significant at 5%)"])

@@ -182,6 +182,30 @@ def test_which_groups_train_is_a_parameter(chain, tiny_prepared, tmp_path):
                     features_dir=root / "features", init_dir=root / "ck" / "align_projectors")
 
 
+def test_modalities_and_long_term_memory_are_stage_parameters(chain, tiny_prepared, tmp_path):
+    """The text-only and no-long-term-memory ablations as params changes; the checkpoint keeps them, so its
+    evaluation reproduces the stage's test metrics."""
+    from feddmmr.metrics import Evaluator
+    root, _ = chain
+    data = load_prepared(tiny_prepared)
+    p = _params()
+    p.finetune_moe.modalities, p.finetune_moe.long_term = ["text"], False
+    metrics = train_stage("finetune_moe", p, tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False,
+                          features_dir=root / "features", init_dir=root / "ck" / "align_projectors")
+    model, config, memory = load_checkpoint(tmp_path / "ck", data, root / "features")
+    assert not model.covered["visual"] and model.covered["text"] and model.router_stats()["router.w_visual"] == 0.0
+    assert config["memory"]["retrieve_lt"] == 0 and memory.retrieve([0, 1])[0].shape[1] == p.memory.st_capacity
+    assert (memory.lt_ids > 0).any()                                   # still written, never read
+    ev = Evaluator(data, p.evaluation.ks, p.evaluation.batch_size)
+    assert ev.evaluate(model, "test", memory)["full"] == metrics["test"]["full"]
+    full, _, _ = load_checkpoint(root / "ck" / "finetune_moe", data, root / "features")
+    assert full.covered["visual"]
+    p.finetune_moe.modalities = ["text", "audio"]
+    with pytest.raises(FeddmmrError, match="finetune_moe.modalities must be a non-empty list"):
+        train_stage("finetune_moe", p, tiny_prepared, tmp_path / "ck2", tmp_path / "m2.json", progress=False,
+                    features_dir=root / "features", init_dir=root / "ck" / "align_projectors")
+
+
 def test_saved_tensors_are_byte_identical_whatever_the_metadata_order(tmp_path):
     """safetensors orders __metadata__ by hash, differently from call to call: equal content must still give equal
     bytes, or DVC sees a changed output (and every later stage reruns) after identical work."""

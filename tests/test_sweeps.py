@@ -58,3 +58,42 @@ def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(tmp_path)
     # the same sweep again runs nothing
     again = sh(BIN / "feddmmr", "sweep", "--seeds", "1", "2", "-S", "pretrain_sasrec.rounds=1", cwd=project)
     assert again.count("already finished") == 2 and "running" not in again
+
+
+@pytest.mark.slow
+def test_ablate_retrains_stage3_once_per_ablation_and_tests_each_against_the_full_model(tmp_path):
+    from feddmmr.stats import paired_test
+    from feddmmr.sweeps import ABLATIONS
+    from feddmmr.tracking import test_ranks
+    project = git_dvc_project(tmp_path / "project")
+    sh("dvc", "repro", cwd=project)                                        # the earlier stages, cached
+    sh("git", "add", "dvc.lock", cwd=project)                              # what the experiments start from
+    out = sh(BIN / "feddmmr", "ablate", cwd=project)
+    names = {line.split(":")[0]: line.split("experiment ")[1].split(" ")[0]
+             for line in out.splitlines() if ": running experiment" in line}
+    assert set(names) == set(ABLATIONS)
+
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=project))
+    exps = {e["name"]: e for row in shown for e in (row.get("experiments") or []) for e in e["revs"]}
+    stage3 = exps[names["text-only"]]["data"]["params"]["params.yaml"]["data"]["finetune_moe"]
+    assert stage3["modalities"] == ["text"] and stage3["long_term"] is True
+    assert exps[names["no-long-term-memory"]]["data"]["params"]["params.yaml"]["data"]["finetune_moe"]["long_term"] is False
+
+    uri = f"sqlite:///{project / 'mlruns.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("feddmmr")
+    run = {}
+    for a, name in names.items():   # every ablation retrained stage 3 under its own pipeline run
+        parent, = client.search_runs([exp.experiment_id], filter_string=f"tags.`feddmmr.pipeline_key` = '{name}' "
+                                     "and tags.`feddmmr.kind` = 'pipeline'")
+        run[a], = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = "
+                                     f"'{parent.info.run_id}' and tags.`feddmmr.stage` = 'finetune_moe'")
+    assert run["backbone-only"].data.metrics["gating_weight"] == 0.0
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in ABLATIONS}
+    full = test_ranks(uri, run["full"].info.run_id, "full")
+    test = paired_test(full, test_ranks(uri, run["no-contrastive-loss"].info.run_id, "full"), "NDCG@10")
+    assert f"{test.diff:+.4f} [{test.low:+.4f}, {test.high:+.4f}]" in rows["no-contrastive-loss"]
+    assert f"{run['text-only'].data.metrics['test.full.NDCG_at_10']:.4f}" in rows["text-only"]
+
+    again = sh(BIN / "feddmmr", "ablate", cwd=project)
+    assert again.count("already finished") == len(ABLATIONS) and "running" not in again
