@@ -1,7 +1,8 @@
 """Reference points evaluated exactly as the stages are (same splits, same negatives, same evaluator).
 
 - ``popularity``: every user gets the items ranked by their number of training interactions (the
-  sequences without their validation and test items), the floor any recommender must clear.
+  sequences without their validation and test items), the floor any recommender must clear;
+- ``centralized``: the stage-1 model trained on the same windows without federation (``centralized``).
 
 A baseline writes what a stage writes, minus weights: ``metrics/<name>.json``, the per-user test ranks
 (``<out>/test_ranks.safetensors``) and an MLflow run under the pipeline run, so ``feddmmr compare`` shows
@@ -24,7 +25,7 @@ from .metrics import Evaluator
 from .stats import TEST_RANKS, save_test_ranks
 from .tracking import StageRun, flatten, prefixed
 
-BASELINES = ("popularity",)
+BASELINES = ("popularity", "centralized")
 
 
 class Popularity(nn.Module):
@@ -47,10 +48,13 @@ class Popularity(nn.Module):
 
 
 def run_baseline(name: str, params: Params, data_dir: str | Path, out_dir: str | Path,
-                 metrics_path: str | Path) -> dict:
+                 metrics_path: str | Path, progress: bool = False) -> dict:
     """Evaluate baseline ``name`` on validation and test; write its ranks, metrics and MLflow run."""
     if name not in BASELINES:
         raise FeddmmrError(f"unknown baseline {name!r}; available: {', '.join(BASELINES)}")
+    if name == "centralized":
+        from .centralized import train_centralized
+        return train_centralized(params, data_dir, out_dir, metrics_path, progress)
     data = load_prepared(data_dir)
     model = Popularity(data)
     evaluator = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size)

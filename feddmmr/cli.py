@@ -21,7 +21,7 @@ Steps (each also a DVC stage in dvc.yaml):
   features  item features: `features text` (sentence-transformers) and `features visual` (open_clip)
   train     federated training of a stage: pretrain_sasrec -> align_projectors -> finetune_moe
   evaluate  evaluate a stage checkpoint (full ranking and 1+100 sampled negatives)
-  baseline  evaluate a reference recommender (popularity) the same way
+  baseline  a reference evaluated the same way: popularity, or the centralized counterpart
   compare   the stages' metrics side by side, with paired tests per user, from MLflow
   sweep     the pipeline over several seeds (DVC experiments): intervals and paired tests
   ablate    stage 3 retrained without each of its parts (DVC experiments): the ablation table
@@ -129,13 +129,14 @@ def _evaluate_parser(sub) -> None:
 
 
 def _baseline_parser(sub) -> None:
-    p = sub.add_parser("baseline", help="evaluate a reference recommender (popularity)",
+    p = sub.add_parser("baseline", help="a reference recommender: popularity, or the centralized counterpart",
                        description="Evaluate a baseline exactly as the stages are evaluated (both protocols, the same "
                                    "negatives) and write its metrics, per-user test ranks and MLflow run, so that "
                                    "`feddmmr compare` shows it beside the stages. popularity: items ranked by their "
-                                   "number of training interactions.")
+                                   "number of training interactions; centralized: the stage-1 model trained on the same windows without "
+                                   "federation (params section `centralized`; every epoch saved for resume).")
     _add_params(p)
-    p.add_argument("name", choices=["popularity"], help="the baseline")
+    p.add_argument("name", choices=["popularity", "centralized"], help="the baseline")
     p.add_argument("--data", default="data/prepared", help="prepared data directory (default: data/prepared)")
     p.add_argument("--out", help="output directory (default: checkpoints/<name>)")
     p.add_argument("--metrics", help="metrics file (default: metrics/<name>.json)")
@@ -268,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "baseline":
         from .baselines import run_baseline
         metrics = run_baseline(args.name, params, args.data, args.out or f"checkpoints/{args.name}",
-                               args.metrics or f"metrics/{args.name}.json")
+                               args.metrics or f"metrics/{args.name}.json", progress=not args.quiet)
         print(json.dumps({k: metrics[k] for k in ("stage", "test")}, indent=2))
         return 0
     if args.command == "evaluate":

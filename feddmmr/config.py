@@ -94,6 +94,21 @@ def _finetune_defaults() -> MultimodalTrainParams:
 
 
 @dataclass
+class CentralizedParams:
+    """The centralized counterpart of stage 1: the same model and windows, no federation."""
+    epochs: int = 50
+    batch_size: int = 128                # windows per step, mixed across users
+    optimizer: str = "adam"              # sgd | adam
+    lr: float = 0.001
+    num_negatives: int = 20              # per target, from outside its user's training history
+    loss: str = "ce"                     # ce | bpr | full
+    patience: int = 10                   # epochs without improvement before stopping
+    selection_metric: str = "full/NDCG@10"
+    device: str = "auto"
+    seed: int = 42
+
+
+@dataclass
 class MultimodalParams:
     gating_init: float = 0.1             # initial residual gate g (learnable)
     router_hidden: int = 64
@@ -153,6 +168,7 @@ class Params:
     memory: MemoryParams = field(default_factory=MemoryParams)
     align_projectors: MultimodalTrainParams = field(default_factory=_align_defaults)
     finetune_moe: MultimodalTrainParams = field(default_factory=_finetune_defaults)
+    centralized: CentralizedParams = field(default_factory=CentralizedParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
 
@@ -216,7 +232,7 @@ RANGES: dict[str, tuple[str, Any]] = {
     "contrastive_weight": _NON_NEGATIVE, "contrastive_temperature": _POSITIVE, "surprise_alpha": _NON_NEGATIVE,
     "load_balance_weight": _NON_NEGATIVE, "surprise_threshold": _UNIT_CLOSED,
     "merge_threshold": ("in [-1, 1]", lambda v: -1 <= v <= 1), "half_life": _POSITIVE,
-    "rounds": _AT_LEAST_1, "local_epochs": _AT_LEAST_1, "num_negatives": _AT_LEAST_1, "patience": _AT_LEAST_1,
+    "rounds": _AT_LEAST_1, "epochs": _AT_LEAST_1, "local_epochs": _AT_LEAST_1, "num_negatives": _AT_LEAST_1, "patience": _AT_LEAST_1,
     "clients_per_chunk": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "hidden": _AT_LEAST_1, "blocks": _AT_LEAST_1,
     "heads": _AT_LEAST_1, "ffn_hidden": _AT_LEAST_1, "router_hidden": _AT_LEAST_1, "st_capacity": _AT_LEAST_1,
     "lt_capacity": _AT_LEAST_1, "retrieve_lt": _AT_LEAST_1, "dim": _AT_LEAST_1,

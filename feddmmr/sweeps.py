@@ -27,7 +27,7 @@ from .errors import FeddmmrError
 from .stats import paired_test, seed_interval
 from .tracking import metric_name, pipeline_runs, test_ranks
 
-SEEDED = ("pretrain_sasrec", "align_projectors", "finetune_moe")   # the stages whose seed a sweep sets
+SEEDED = ("pretrain_sasrec", "align_projectors", "finetune_moe", "centralized")   # whose seed a sweep sets
 COLUMNS = SEEDED + ("popularity",)
 METRICS = ("HR@10", "NDCG@10", "MRR")
 ABLATED = "finetune_moe"

@@ -27,7 +27,7 @@ from feddmmr.modalities import NAMES
 from flows.workspace import StepFailed, Workspace, experiment_name
 
 TRAIN_STEPS = ("pretrain_sasrec", "align_projectors", "finetune_moe")
-BASELINE_STEPS = ("popularity",)                        # evaluated like the stages, shown beside them
+BASELINE_STEPS = ("popularity", "centralized")          # evaluated like the stages, shown beside them
 STEPS = ("prepare", *(f"features_{m}" for m in NAMES)) + TRAIN_STEPS + BASELINE_STEPS
 Dataset = Literal["params", "demo", "ml-1m-top1000", "ml-100k"]
 PROTOCOLS = ("full", "sampled")

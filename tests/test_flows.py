@@ -49,7 +49,7 @@ def test_a_flow_run_is_a_pushed_dvc_experiment_that_dvc_repro_reproduces(harness
     result = state.result()
     name = result["experiment"]
     assert set(result["ran"]) == {"prepare", "features_text", "features_visual", "pretrain_sasrec",
-                                  "align_projectors", "finetune_moe", "popularity"}
+                                  "align_projectors", "finetune_moe", "popularity", "centralized"}
     assert result["metrics"]["pretrain_sasrec"]["rounds_run"] == 1          # the override reached the stage
 
     # the user's checkout is untouched; the experiment is listed there, its outputs are on the DVC remote
@@ -68,7 +68,7 @@ def test_a_flow_run_is_a_pushed_dvc_experiment_that_dvc_repro_reproduces(harness
     assert parent.info.run_name == name and parent.data.tags["dvc_experiment"] == name
     assert parent.data.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=project).strip()
     assert {r.data.tags["feddmmr.stage"] for r in runs} == {"pretrain_sasrec", "align_projectors", "finetune_moe",
-                                                            "popularity"}
+                                                            "popularity", "centralized"}
     assert client.get_experiment_by_name("feddmmr").tags["mlflow.experimentKind"] == "custom_model_development"
     assert f"pipeline {name} " in sh(str(BIN / "feddmmr"), "compare", "--run", name, cwd=project)
 

@@ -35,7 +35,8 @@ def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(tmp_path)
     exps = {e["name"]: e for row in shown for e in (row.get("experiments") or []) for e in e["revs"]}
     for seed, name in zip((1, 2), names):
         params = exps[name]["data"]["params"]["params.yaml"]["data"]
-        assert [params[s]["seed"] for s in ("pretrain_sasrec", "align_projectors", "finetune_moe")] == [seed] * 3
+        assert [params[s]["seed"] for s in ("pretrain_sasrec", "align_projectors", "finetune_moe", "centralized")] \
+            == [seed] * 4
         assert params["pretrain_sasrec"]["rounds"] == 1
     assert sh("git", "status", "--porcelain", cwd=project) == ""
 
@@ -53,7 +54,7 @@ def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(tmp_path)
     mean, half = seed_interval(values)
     ndcg = next(line for line in out.splitlines() if line.startswith("NDCG@10")).split()
     assert ndcg[7:10] == [f"{mean:.4f}", "±", f"{half:.4f}"]          # the finetune_moe column
-    assert sum(line.startswith("  seed ") for line in out.splitlines()) == 2 * 3   # 3 stages against the first
+    assert sum(line.startswith("  seed ") for line in out.splitlines()) == 2 * 4   # 4 columns against the first
 
     # the same sweep again runs nothing
     again = sh(BIN / "feddmmr", "sweep", "--seeds", "1", "2", "-S", "pretrain_sasrec.rounds=1", cwd=project)

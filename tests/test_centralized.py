@@ -1,0 +1,71 @@
+"""The centralized counterpart: the stage-1 model on the pooled windows, recorded like a stage, resumable."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_params
+from feddmmr.baselines import run_baseline
+from feddmmr.data import load_prepared
+from feddmmr.metrics import Evaluator
+from feddmmr.stages import load_checkpoint
+
+
+def _params():
+    p = tiny_params()
+    p.tracking.enabled = False
+    c = p.centralized
+    c.epochs, c.batch_size, c.num_negatives, c.lr, c.patience = 4, 8, 4, 0.01, 10
+    return p
+
+
+def test_centralized_trains_evaluates_and_writes_a_loadable_checkpoint(tiny_prepared, tmp_path):
+    p = _params()
+    metrics = run_baseline("centralized", p, tiny_prepared, tmp_path / "ck", tmp_path / "m.json")
+    history = json.loads((tmp_path / "ck" / "train_history.json").read_text())
+    assert metrics["rounds_run"] == 4 and len(history["train_loss"]) == 5
+    assert history["train_loss"][4] < history["train_loss"][1]             # it learns
+    assert metrics["val"] == history["val"][metrics["best_round"]]
+    data = load_prepared(tiny_prepared)
+    model, config, _ = load_checkpoint(tmp_path / "ck", data)
+    assert config["stage"] == "centralized"
+    assert Evaluator(data, p.evaluation.ks, p.evaluation.batch_size).evaluate(model, "test") == metrics["test"]
+    assert (tmp_path / "ck" / "test_ranks.safetensors").is_file()
+
+
+def test_a_killed_centralized_run_resumes_after_its_last_epoch(tiny_prepared, tmp_path, monkeypatch):
+    import feddmmr.centralized as central
+    clean = run_baseline("centralized", _params(), tiny_prepared, tmp_path / "clean", tmp_path / "clean.json")
+    real, calls = central._train_epoch, []
+
+    def dies_in_epoch_3(*args):
+        calls.append(args[3])
+        if args[3] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(central, "_train_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_baseline("centralized", _params(), tiny_prepared, tmp_path / "ck", tmp_path / "m.json")
+    assert not (tmp_path / "ck").exists() and calls == [1, 2, 3]
+    monkeypatch.setattr(central, "_train_epoch", lambda *args: calls.append(args[3]) or real(*args))
+    again = run_baseline("centralized", _params(), tiny_prepared, tmp_path / "ck", tmp_path / "m.json")
+    assert calls == [1, 2, 3, 3, 4]                                          # epochs 1-2 were not trained again
+    assert again == clean
+    a, b = (load_checkpoint(tmp_path / d, load_prepared(tiny_prepared))[0].state_dict() for d in ("ck", "clean"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_epoch_mixes_every_users_windows_once(tiny_prepared):
+    from feddmmr.centralized import _epoch_windows
+    from feddmmr.client import ClientPool
+    pool = ClientPool(load_prepared(tiny_prepared))
+    c = _params().centralized
+    batches = _epoch_windows(pool, 1, c, torch.Generator().manual_seed(0))
+    x = torch.cat([b[0] for b in batches])
+    assert sorted(map(tuple, x.tolist())) == sorted(map(tuple, pool.win_x.tolist()))   # each window once
+    owner = {tuple(row): u for u in range(len(pool.win_start) - 1)
+             for row in pool.win_x[pool.win_start[u]: pool.win_start[u + 1]].tolist()}
+    first = {owner[tuple(row)] for row in batches[0][0].tolist()}
+    assert len(first) > 2                                                   # not grouped by user
+    assert all(len(b[0]) == c.batch_size for b in batches[:-1])
