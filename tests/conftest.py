@@ -61,6 +61,7 @@ def write_tiny_project(root: Path, top_k_users: int = 40, eval_negatives: int = 
     params["model"].update(hidden=16, heads=2, ffn_hidden=16, blocks=1)
     for stage in ("pretrain_sasrec", "align_projectors", "finetune_moe"):
         params[stage].update(rounds=2, client_fraction=0.5, num_negatives=4)
+    params["centralized"].update(epochs=2, num_negatives=4)
     params["memory"].update(st_capacity=3, lt_capacity=8, retrieve_lt=4)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
