@@ -16,7 +16,7 @@ from .modalities import NAMES
 
 DESCRIPTION = """FedDMMR: federated multimodal sequential recommendation, as a reproducible pipeline.
 
-Steps (each also a DVC stage in dvc.yaml):
+Commands (prepare, features, train and baseline are also the DVC stages of dvc.yaml):
   prepare   ingest MovieLens-1M / MovieLens-100K / a CSV, subset users, leave-one-out split
   features  item features: `features text` (sentence-transformers) and `features visual` (open_clip)
   train     federated training of a stage: pretrain_sasrec -> align_projectors -> finetune_moe
