@@ -4,9 +4,9 @@
   sequences without their validation and test items), the floor any recommender must clear;
 - ``centralized``: the stage-1 model trained on the same windows without federation (``centralized``).
 
-A baseline writes what a stage writes, minus weights: ``metrics/<name>.json``, the per-user test ranks
-(``<out>/test_ranks.safetensors``) and an MLflow run under the pipeline run, so ``feddmmr compare`` shows
-it as one more column and tests the stages against it.
+A baseline writes what a stage writes (popularity: no weights): ``metrics/<name>.json``, the per-user test
+ranks (``<out>/test_ranks.safetensors``) and an MLflow run under the pipeline run, so ``feddmmr compare``
+shows it as one more column and tests the stages against it.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from .io import atomic_dir, exclusive, save_tensors, write_json
 from .metrics import Evaluator, pick
 from .model.loss import batch_loss
 from .resume import Progress, ResumeState, code_sha256, rng_state, set_rng_state
-from .stages import build_model
+from .stages import build_model, model_config
 from .stats import TEST_RANKS, save_test_ranks
 from .tracking import StageRun, flatten, prefixed
 
@@ -78,8 +78,9 @@ def _load_optimizer(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -
 
 def _fit(model, opt, pool, evaluator, c, state: Progress, resume: ResumeState, tracker, best, device, progress):
     """Epochs ``state.round + 1 .. c.epochs``, each saved for resume; returns the best state dict."""
-    bar = tqdm([] if state.stopped else range(state.round + 1, c.epochs + 1), desc=STAGE, unit="epoch", disable=not progress,
-               initial=state.round, total=c.epochs, dynamic_ncols=True)
+    epochs = [] if state.stopped else range(state.round + 1, c.epochs + 1)
+    bar = tqdm(epochs, desc=STAGE, unit="epoch", disable=not progress, initial=state.round, total=c.epochs,
+               dynamic_ncols=True)
     for epoch in bar:
         loss = _train_epoch(model, opt, pool, epoch, c, device)
         val = evaluator.evaluate(model, "val")
@@ -107,11 +108,8 @@ def _record(history: dict, i: int) -> dict[str, float]:
 
 
 def _config(params: Params, data: Prepared, data_dir, model, state: Progress) -> dict:
-    return {"stage": STAGE, "lineage": [], "model": asdict(params.model), "num_items": data.num_items,
-            "max_seq_len": data.max_seq_len, "num_users": data.num_users, "train": asdict(params.centralized),
-            "data": {"dir": str(data_dir), "source_sha256": data.meta["source_sha256"],
-                     "num_interactions": data.meta["num_interactions"]},
-            "model_config": asdict(model.config), "best_round": state.best_round, "torch": torch.__version__}
+    return {"stage": STAGE, "lineage": [], **model_config(params, data, data_dir, model),
+            "train": asdict(params.centralized), "best_round": state.best_round}
 
 
 def _write(params, data, data_dir, model, evaluator, state, out_dir, metrics_path, tracker) -> dict:

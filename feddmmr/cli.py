@@ -37,6 +37,10 @@ def _add_params(p: argparse.ArgumentParser) -> None:
                    help="override one parameter, e.g. -S pretrain_sasrec.rounds=5 (repeatable)")
 
 
+def _add_protocol(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", default="full", choices=["full", "sampled"], help="evaluation protocol (default: full)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="feddmmr", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,7 +153,7 @@ def _compare_parser(sub) -> None:
     p.add_argument("--run", "--pipeline", dest="pipeline",
                    help="pipeline run: a flow run's DVC experiment name, or the tag feddmmr.pipeline_key "
                         "(default: the latest pipeline run)")
-    p.add_argument("--protocol", default="full", choices=["full", "sampled"], help="evaluation protocol (default: full)")
+    _add_protocol(p)
 
 
 def _sweep_parser(sub) -> None:
@@ -162,7 +166,7 @@ def _sweep_parser(sub) -> None:
                                    "params.yaml and overrides are not run again. Run it in the project folder.")
     _add_params(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds (default: 42 43 44)")
-    p.add_argument("--protocol", default="full", choices=["full", "sampled"], help="evaluation protocol (default: full)")
+    _add_protocol(p)
 
 
 def _ablate_parser(sub) -> None:
@@ -177,7 +181,7 @@ def _ablate_parser(sub) -> None:
                                    "in the DVC cache). Ablations finished for the same "
                                    f"commit, params.yaml and overrides are not run again. The ablations: {listing}.")
     _add_params(p)
-    p.add_argument("--protocol", default="full", choices=["full", "sampled"], help="evaluation protocol (default: full)")
+    _add_protocol(p)
 
 
 def _recommend_parser(sub) -> None:
@@ -236,15 +240,8 @@ def run(args: argparse.Namespace) -> int:
         print(compare(args.pipeline, args.protocol))
         return 0
     params = load_params(args.params, args.overrides)      # bad overrides fail here, in one line
-    if args.command == "ablate":
-        from .sweeps import run_ablations, summarize_ablations
-        print(summarize_ablations(run_ablations(".", args.overrides), args.protocol))
-        return 0
-    if args.command == "sweep":
-        from .sweeps import run_seeds, summarize
-        names = run_seeds(".", args.seeds, args.overrides)
-        print(summarize(names, args.seeds, args.protocol))
-        return 0
+    if args.command in ("ablate", "sweep"):
+        return _experiments(args)
     if args.command == "prepare":
         from .data import prepare
         meta = prepare(params.prepare, args.out)
@@ -282,6 +279,17 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"checkpoint": str(args.checkpoint), "stage": config["stage"], "split": args.split, **result}, indent=2))
         return 0
     raise AssertionError(args.command)
+
+
+def _experiments(args: argparse.Namespace) -> int:
+    """Sets of DVC experiments in the project folder: the ablations of stage 3, or the pipeline over seeds."""
+    from . import sweeps
+    if args.command == "ablate":
+        print(sweeps.summarize_ablations(sweeps.run_ablations(".", args.overrides), args.protocol))
+    else:
+        names = sweeps.run_seeds(".", args.seeds, args.overrides)
+        print(sweeps.summarize(names, args.seeds, args.protocol))
+    return 0
 
 
 def _recommend(args: argparse.Namespace) -> int:

@@ -66,9 +66,8 @@ class FedAvg:
     def result(self) -> dict[str, torch.Tensor]:
         """The averaged weights, computed in the accumulator (no second copy of a large table); tensors outside
         ``names`` are the global tensors themselves. Call once."""
-        out = {k: self.acc.pop(k).div_(self.total_w).add_(v) if k in self.names else v
-               for k, v in self.global_params.items()}
-        return out
+        return {k: self.acc.pop(k).div_(self.total_w).add_(v) if k in self.names else v
+                for k, v in self.global_params.items()}
 
 
 class PartialSum:

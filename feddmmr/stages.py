@@ -400,16 +400,20 @@ def _checkpoint_config(stage: str, spec: StageSpec, params: Params, tp: TrainPar
         groups.setdefault(g, {"initialized_in": stage, "trained_in": []})
         if g not in tp.freeze:
             groups[g] = {**groups[g], "trained_in": groups[g]["trained_in"] + [stage]}
-    config = {"stage": stage, "lineage": lineage, "model": asdict(params.model), "num_items": data.num_items,
-              "max_seq_len": data.max_seq_len, "num_users": data.num_users, "train": asdict(tp),
-              "data": {"dir": str(data_dir), "source_sha256": data.meta["source_sha256"],
-                       "num_interactions": data.meta["num_interactions"]},
-              "model_config": asdict(model.config), "groups": groups, "best_round": None,
-              "torch": torch.__version__}
+    config = {"stage": stage, "lineage": lineage, **model_config(params, data, data_dir, model), "train": asdict(tp),
+              "groups": groups, "best_round": None}
     if spec.multimodal:
         config.update(multimodal=asdict(params.multimodal), memory=asdict(stage_memory(params.memory, tp)),
                       features=feature_sha)
     return config
+
+
+def model_config(params: Params, data: Prepared, data_dir, model: FedDMMR) -> dict:
+    """What every checkpoint's config.json says of its model and data (``load_checkpoint`` rebuilds from it)."""
+    return {"model": asdict(params.model), "num_items": data.num_items, "max_seq_len": data.max_seq_len,
+            "num_users": data.num_users, "data": {"dir": str(data_dir), "source_sha256": data.meta["source_sha256"],
+                                                  "num_interactions": data.meta["num_interactions"]},
+            "model_config": asdict(model.config), "torch": torch.__version__}
 
 
 def _snapshot(setup: Setup) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
