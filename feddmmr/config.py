@@ -157,6 +157,15 @@ class RuntimeParams:
 
 
 @dataclass
+class FederationParams:
+    engine: str = "simulation"       # simulation (every client on this machine) | flower (a Flower SuperLink and SuperNodes)
+    superlink: str = ""              # flower: control API address (host:port) of a running SuperLink; "" = start one
+                                     # on 127.0.0.1 with `nodes` local SuperNodes
+    nodes: int = 2                   # flower: SuperNodes, i.e. user partitions, a stage waits for
+    timeout: float = 600.0           # flower: seconds to wait for the nodes to connect and for a round's replies
+
+
+@dataclass
 class Params:
     prepare: PrepareParams = field(default_factory=PrepareParams)
     model: ModelParams = field(default_factory=ModelParams)
@@ -171,6 +180,7 @@ class Params:
     centralized: CentralizedParams = field(default_factory=CentralizedParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
+    federation: FederationParams = field(default_factory=FederationParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,6 +249,8 @@ RANGES: dict[str, tuple[str, Any]] = {
     "gate_start": ("null or a number", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
     "freeze": ("a list of parameter group names", lambda v: isinstance(v, list) and all(isinstance(g, str) for g in v)),
     "prepare.top_k_users": (">= 0 (0 = all users)", lambda v: v >= 0),
+    "federation.engine": ("simulation or flower", lambda v: v in ("simulation", "flower")),
+    "federation.nodes": _AT_LEAST_1, "federation.timeout": _POSITIVE,
     "runtime.threads": (">= 0 (0 = follow the free CPUs)", lambda v: v >= 0),
     "prepare.min_user_interactions": (">= 3 (leave-one-out needs train, validation and test items)", lambda v: v >= 3),
     "prepare.max_seq_len": (">= 2", lambda v: v >= 2),

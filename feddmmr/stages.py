@@ -32,6 +32,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -53,7 +54,7 @@ from .runtime import ThreadPool
 from .server import SERVER_OPTIMIZERS, ServerOptimizer, select_clients
 from .stats import TEST_RANKS, save_test_ranks
 from .tracking import StageRun, flatten, prefixed, stage_diff
-from .workers import round_executor
+from .workers import RoundExecutor, round_executor
 
 log = logging.getLogger("feddmmr")
 
@@ -232,12 +233,14 @@ class Setup:
 
 def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
                 progress: bool = True, features_dir: str | Path = "features", init_dir: str | Path | None = None,
-                restart: bool = False) -> dict:
+                restart: bool = False, rounds: Callable | None = None) -> dict:
     """Train ``stage`` federatedly, keep the best validation round, write checkpoint and metrics.
 
     ``init_dir``: the checkpoint to start from (default: the ``<init_from>`` directory beside ``out_dir``).
     Every round is saved for resume (``feddmmr.resume``); a killed stage continues from its last completed
     round when run again with the same inputs, unless ``restart``.
+    ``rounds``: the round executor, ``(model, clients, pool, rnd, tp, trainable, memory) -> RoundResult``
+    (default: this machine's, ``workers.round_executor``); ``feddmmr.flower`` passes a federation's.
     """
     if stage not in STAGE_SPECS:
         raise FeddmmrError(f"unknown stage {stage!r}; available: {', '.join(STAGES)}")
@@ -248,7 +251,7 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
     feats = load_modalities(features_dir, data) if spec.multimodal else None
     init_dir = _start_checkpoint(stage, spec, tp, out_dir, init_dir)
     sections = {"model": asdict(params.model), stage: asdict(tp), "evaluation": asdict(params.evaluation),
-                "data": {"dir": str(data_dir)}}
+                "data": {"dir": str(data_dir)}, "federation": {"engine": params.federation.engine}}
     if spec.multimodal:
         sections.update(multimodal=asdict(params.multimodal), memory=asdict(params.memory),
                         features={m: {"sha256": f.sha256, "coverage": f.coverage} for m, f in feats.items()})
@@ -263,7 +266,7 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
         state.tracking_run, state.tracked_round = tracker.run_id, tracker.tracked_round
         try:
             setup = _initialise(stage, spec, params, tp, data, data_dir, feats, init_dir, saved)
-            state = _fit(setup, state, saved[1] if saved else None, resume, tracker, progress)
+            state = _fit(setup, state, saved[1] if saved else None, resume, tracker, progress, rounds)
             export = _model_export(params, spec, data, data_dir, features_dir)
             return _write(setup, state, resume, tracker, out_dir, metrics_path, init_dir, export)
         except KeyboardInterrupt:
@@ -430,7 +433,7 @@ def _save_round(setup: Setup, state: Progress, best: tuple, resume: ResumeState,
 
 
 def _fit(setup: Setup, state: Progress, parts: dict | None, resume: ResumeState, tracker: StageRun,
-         progress: bool) -> Progress:
+         progress: bool, rounds: Callable | None = None) -> Progress:
     """The round loop: train, aggregate, validate, keep the best round; every round saved for resume."""
     stage, tp, model, memory = setup.stage, setup.tp, setup.model, setup.memory
     record = lambda i: _round_record(state.history, i, memory is not None)  # noqa: E731
@@ -451,7 +454,8 @@ def _fit(setup: Setup, state: Progress, parts: dict | None, resume: ResumeState,
     if setup.report is not None:
         tracker.log_dict(setup.report, "load_report.json")
     with contextlib.ExitStack() as stack:
-        executor = round_executor(tp.executor, model, setup.pool, setup.threads, stack)
+        executor = (round_executor(tp.executor, model, setup.pool, setup.threads, stack) if rounds is None
+                    else RoundExecutor(rounds, "federation", None, getattr(rounds, "description", "federation")))
         log.info("%s: %s", stage, executor.description)
         with logging_redirect_tqdm():
             bar = tqdm(range(state.round + 1, tp.rounds + 1), desc=stage, unit="round", disable=not progress,
