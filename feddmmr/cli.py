@@ -114,6 +114,10 @@ Stages 2-3 need the feature files (`feddmmr features text|visual`) and keep a me
     p.add_argument("--init", help="checkpoint to start from (default: checkpoints/<init_from> beside --out)")
     p.add_argument("--out", help="checkpoint directory (default: checkpoints/<stage>)")
     p.add_argument("--metrics", help="metrics JSON file (default: metrics/<stage>.json)")
+    p.add_argument("--engine", choices=["simulation", "flower"],
+                   help="where the clients train (default: federation.engine in params.yaml, simulation): simulation "
+                        "= on this machine; flower = on a Flower federation, the SuperLink at federation.superlink or "
+                        "one started on 127.0.0.1 with federation.nodes SuperNodes (needs the flower extra)")
     p.add_argument("--restart", action="store_true",
                    help="discard the saved state of an interrupted run of this stage and start from round 0 "
                         "(by default a killed stage resumes from its last completed round)")
@@ -256,13 +260,7 @@ def run(args: argparse.Namespace) -> int:
               f"{report['dim']}-d, {report['seconds']:.1f}s")
         return 0
     if args.command == "train":
-        from .stages import train_stage
-        out = args.out or f"checkpoints/{args.stage}"
-        metrics_path = args.metrics or f"metrics/{args.stage}.json"
-        metrics = train_stage(args.stage, params, args.data, out, metrics_path, progress=not args.quiet,
-                              features_dir=args.features, init_dir=args.init, restart=args.restart)
-        print(json.dumps({k: metrics[k] for k in ("stage", "best_round", "seconds_per_round", "test")}, indent=2))
-        return 0
+        return _train(args, params)
     if args.command == "baseline":
         from .baselines import run_baseline
         metrics = run_baseline(args.name, params, args.data, args.out or f"checkpoints/{args.name}",
@@ -279,6 +277,27 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"checkpoint": str(args.checkpoint), "stage": config["stage"], "split": args.split, **result}, indent=2))
         return 0
     raise AssertionError(args.command)
+
+
+def _train(args: argparse.Namespace, params) -> int:
+    """One stage on this machine (the simulator) or on a Flower federation (``--engine flower``)."""
+    from .stages import train_stage
+    out = args.out or f"checkpoints/{args.stage}"
+    metrics_path = args.metrics or f"metrics/{args.stage}.json"
+    if (args.engine or params.federation.engine) == "flower":
+        try:
+            from .flower import train_on_flower
+        except ModuleNotFoundError as exc:
+            missing = (exc.name or "flwr").split(".")[0]
+            raise FeddmmrError(f"--engine flower needs Flower ({missing} is not installed): "
+                               "pip install -e '.[flower]'") from None
+        metrics = train_on_flower(args.stage, params, args.params, args.overrides, args.data, out, metrics_path,
+                                  args.features, args.init, args.restart)
+    else:
+        metrics = train_stage(args.stage, params, args.data, out, metrics_path, progress=not args.quiet,
+                              features_dir=args.features, init_dir=args.init, restart=args.restart)
+    print(json.dumps({k: metrics[k] for k in ("stage", "best_round", "seconds_per_round", "test")}, indent=2))
+    return 0
 
 
 def _experiments(args: argparse.Namespace) -> int:

@@ -110,3 +110,14 @@ def test_three_stage_chain_through_the_cli(tmp_path, tiny_prepared):
     r = feddmmr("evaluate", "--checkpoint", str(ck / "finetune_moe"), "--data", str(tiny_prepared),
                 "--features", str(tmp_path / "elsewhere"), cwd=tmp_path)
     assert r.returncode == 2 and "feature file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_flower_engine_without_flower_names_the_extra(tmp_path, tiny_prepared, monkeypatch, capsys):
+    """Without the flower extra, --engine flower fails in one line naming the install command."""
+    from feddmmr.cli import main
+    monkeypatch.setitem(sys.modules, "flwr", None)            # as if flwr were not installed
+    monkeypatch.delitem(sys.modules, "feddmmr.flower", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--engine", "flower", "--data", str(tiny_prepared)]) == 2
+    assert capsys.readouterr().err.strip() == ("feddmmr: error: --engine flower needs Flower (flwr is not "
+                                               "installed): pip install -e '.[flower]'")

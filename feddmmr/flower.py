@@ -1,0 +1,418 @@
+"""A stage on a Flower federation: the project's clients on SuperNodes, its server in a ServerApp.
+
+Flower (``flwr``, the ``flower`` extra) runs a SuperLink that relays messages, SuperNodes that hold the
+data, a ServerApp and a ClientApp. Here:
+
+- the **ServerApp** (``server_app``) runs where the SuperLink runs, in the project folder. It trains the
+  stage with the project's own round loop (``stages.train_stage``: client sampling, FedAvg, the server
+  optimizer, validation, checkpoint, metrics, MLflow run, resume), with one change: the round's clients
+  are trained by the SuperNodes that hold them (``FlowerRounds``), so the stage's outputs are those of the
+  simulator and later stages, ``compare`` and ``recommend`` do not care which engine trained it;
+- each **SuperNode** holds a partition of the users (``--node-config "data-dir=... partition-id=p
+  num-partitions=n"``: user u belongs to node u % n). Its **ClientApp** (``client_app``) receives the
+  global weights and the round's users it holds, trains them with the project's client update
+  (``client.train_chunk_sequential``: the same loss, negatives and per-client seeds) and sends back only
+  their summed update (``server.PartialSum``), its weight and loss: never an interaction.
+
+``train_on_flower`` is what ``feddmmr train --engine flower`` runs: it writes the Flower app (a
+``pyproject.toml`` naming these two apps), starts a SuperLink and ``federation.nodes`` SuperNodes on
+127.0.0.1 unless ``federation.superlink`` names a running one, submits the run with ``flwr run`` and
+reports the stage's metrics or its error.
+
+The multimodal stages keep a memory per client, which lives with the client's data; the server only
+validates on it. Until the SuperNodes keep those memories, this engine trains ``pretrain_sasrec`` and
+refuses the other stages in one line.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid, ServerApp
+
+from .client import ClientPool, RoundResult, _split_params, client_chunks, train_chunk_sequential, use_sparse
+from .config import MultimodalTrainParams, Params, TrainParams, load_params
+from .data import Prepared, load_prepared
+from .errors import FeddmmrError
+from .io import read_json, write_json
+from .model import FedDMMR, FedDMMRConfig
+from .server import FedAvg, PartialSum
+
+log = logging.getLogger("feddmmr")
+
+ENGINE_STAGES = ("pretrain_sasrec",)           # the stages this engine trains (see the module's docstring)
+APP_TOML = """\
+[build-system]
+requires = ["setuptools>=65"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "feddmmr-flower"
+version = "0.1.0"
+description = "FedDMMR stages on a Flower federation (the apps live in the installed feddmmr package)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "feddmmr"
+
+[tool.flwr.app.components]
+serverapp = "feddmmr.flower:server_app"
+clientapp = "feddmmr.flower:client_app"
+
+[tool.flwr.app.config]
+project = ""
+job = ""
+status = ""
+"""
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+# ---------------------------------------------------------------------------------------------- node side
+
+def node_partition(node_config: dict) -> tuple[Path, int, int]:
+    """(prepared data folder, partition id, number of partitions) from a SuperNode's ``--node-config``."""
+    missing = [k for k in ("data-dir", "partition-id", "num-partitions") if k not in node_config]
+    if missing:
+        raise FeddmmrError(f"SuperNode --node-config lacks {', '.join(missing)}; start it with --node-config "
+                           "\"data-dir='<prepared data>' partition-id=<p> num-partitions=<n>\"")
+    part, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if not 0 <= part < parts:
+        raise FeddmmrError(f"SuperNode --node-config: partition-id {part} must be in [0, num-partitions={parts})")
+    return Path(str(node_config["data-dir"])), part, parts
+
+
+def _fingerprint(data: Prepared) -> dict:
+    return json.loads(json.dumps({"source_sha256": data.meta["source_sha256"], "num_users": data.num_users,
+                                  "num_items": data.num_items}))
+
+
+client_app = ClientApp()
+
+
+@client_app.query()
+def describe_node(msg: Message, context: Context) -> Message:
+    """The node's partition and the fingerprint of its prepared data (the server checks they agree)."""
+    data_dir, part, parts = node_partition(context.node_config)
+    info = {"partition-id": part, "num-partitions": parts, **_fingerprint(load_prepared(data_dir))}
+    return Message(RecordDict({"node": ConfigRecord({"info": json.dumps(info)})}), reply_to=msg)
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere): the start-up a message costs before its handler."""
+    try:
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return float(Path("/proc/uptime").read_text().split()[0]) - start
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@client_app.train()
+def train_users(msg: Message, context: Context) -> Message:
+    """The round's users this node holds, trained from the global weights; their summed update goes back."""
+    started, t0 = _process_age(), time.perf_counter()
+    data_dir, part, parts = node_partition(context.node_config)
+    job = json.loads(str(msg.content["config"]["job"]))
+    foreign = [u for u in job["users"] if u % parts != part]
+    if foreign:
+        raise FeddmmrError(f"users {foreign[:5]} are not in this node's partition {part} of {parts}")
+    torch.set_num_threads(max(1, int(context.node_config.get("threads", 1))))
+    model = FedDMMR(FedDMMRConfig(**job["model"]))
+    model.load_state_dict(msg.content["model"].to_torch_state_dict(), strict=True)
+    model.train()
+    tp = (MultimodalTrainParams if model.multimodal else TrainParams)(**job["train"])
+    pool = ClientPool(load_prepared(data_dir))      # built per message: every message runs in a fresh process
+    (users, mem_ids, mem_pos), = client_chunks(job["users"], None, len(job["users"]))
+    t1 = time.perf_counter()
+    result = train_chunk_sequential(model, users, mem_ids, mem_pos, pool, job["round"], tp, job["names"], job["sparse"])
+    state = result.update.__getstate__()
+    arrays = {f"sum:{k}": torch.from_numpy(v) for k, (_, v) in state["sums"].items()}
+    arrays.update({f"rows:{k}": torch.from_numpy(r) for k, (r, _) in state["sums"].items() if r is not None})
+    stats = MetricRecord({"total_w": state["total_w"], "loss_sum": result.loss_sum, "steps": result.steps,
+                          "users": len(users), "seconds_start": started, "seconds_load": t1 - t0,
+                          "seconds_train": time.perf_counter() - t1})
+    return Message(RecordDict({"update": ArrayRecord(arrays), "stats": stats}), reply_to=msg)
+
+
+# ---------------------------------------------------------------------------------------------- server side
+
+def _partial_sum(update: ArrayRecord, names: list[str], total_w: float) -> PartialSum:
+    """A node's reply as the ``PartialSum`` it was made from."""
+    tensors = update.to_torch_state_dict()
+    part = PartialSum.__new__(PartialSum)
+    part.__setstate__({"names": names, "total_w": total_w,
+                       "sums": {k: (tensors[f"rows:{k}"].numpy() if f"rows:{k}" in tensors else None,
+                                    tensors[f"sum:{k}"].numpy()) for k in names}})
+    return part
+
+
+class FlowerRounds:
+    """The round executor of a stage trained on a federation: each SuperNode trains the round's users it
+    holds; their partial sums are added in partition order (FedAvg), as ``client.train_round_sequential``
+    adds its chunks."""
+
+    def __init__(self, grid: Grid, nodes: list[int], timeout: float):
+        self.grid, self.nodes, self.timeout = grid, nodes, timeout          # nodes[p]: node id of partition p
+        self.description = f"Flower federation of {len(nodes)} SuperNodes (user u on node u % {len(nodes)})"
+
+    def __call__(self, model: torch.nn.Module, clients: list[int], pool, rnd: int, tp: TrainParams,
+                 trainable: set[str] | None = None, memory=None) -> RoundResult:
+        if memory is not None:
+            raise FeddmmrError("the Flower engine keeps no client memories yet: train the multimodal stages "
+                               "with federation.engine=simulation")
+        t0 = time.perf_counter()
+        global_params, names = _split_params(model, trainable)
+        state = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        job = {"round": rnd, "names": names, "sparse": use_sparse(names, tp), "train": asdict(tp),
+               "model": asdict(model.config)}
+        messages, parts = [], len(self.nodes)
+        for p, node in enumerate(self.nodes):
+            users = [u for u in clients if u % parts == p]
+            if users:
+                content = RecordDict({"model": state, "config": ConfigRecord({"job": json.dumps({**job, "users": users})})})
+                messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd)))
+        replies = exchange(self.grid, messages, self.timeout)
+        agg, loss_sum, steps, spent = FedAvg(global_params, names), 0.0, 0, []
+        for m in messages:                                                  # partition order
+            reply = self._reply(replies, m.metadata.dst_node_id, rnd)
+            stats = reply.content["stats"]
+            agg.add_partial(_partial_sum(reply.content["update"], names, float(stats["total_w"])))
+            loss_sum, steps = loss_sum + float(stats["loss_sum"]), steps + int(stats["steps"])
+            spent.append([float(stats[f"seconds_{k}"]) for k in ("start", "load", "train")])
+        log.info("round %d on %d SuperNodes in %.1fs; slowest node: process start %.1fs, data and model %.1fs, "
+                 "training %.1fs", rnd, len(messages), time.perf_counter() - t0, *max(spent, key=sum))
+        return RoundResult(agg.result(), loss_sum / agg.total_w, len(clients), steps)
+
+    def _reply(self, replies: dict, node: int, rnd: int) -> Message:
+        p = self.nodes.index(node)
+        if node not in replies:
+            raise FeddmmrError(f"round {rnd}: SuperNode {node} (partition {p}) sent no reply within "
+                               f"federation.timeout={self.timeout:g}s; check that it is running")
+        if replies[node].has_error():
+            raise FeddmmrError(f"round {rnd}: SuperNode {node} (partition {p}) failed: {replies[node].error.reason}")
+        return replies[node]
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.05) -> dict[int, Message]:
+    """Send ``messages`` and wait up to ``timeout`` seconds for their replies; replies by destination node
+    (an error reply from the SuperLink names no node). ``Grid.send_and_receive`` polls every 3 s; a round
+    waits ``poll`` at most."""
+    ids = list(grid.push_messages(messages))
+    node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
+    replies: dict[int, Message] = {}
+    deadline = time.monotonic() + timeout
+    while len(replies) < len(ids) and time.monotonic() < deadline:
+        pending = [mid for mid in ids if node_of[mid] not in replies]
+        for reply in grid.pull_messages(pending):
+            replies[node_of[reply.metadata.reply_to_message_id]] = reply
+        if len(replies) < len(ids):
+            time.sleep(poll)
+    return replies
+
+
+def _describe(grid: Grid, ids: list[int], deadline: float) -> dict[int, dict]:
+    """Each node's partition and data fingerprint (``describe_node``). A node the SuperLink does not yet
+    count as online (it has just connected) is asked again until ``deadline``."""
+    info: dict[int, dict] = {}
+    while pending := [n for n in ids if n not in info]:
+        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in pending]
+        for src, reply in exchange(grid, queries, max(0.0, deadline - time.monotonic())).items():
+            if not reply.has_error():
+                info[src] = json.loads(str(reply.content["node"]["info"]))
+            elif reply.error.code != ErrorCode.NODE_UNAVAILABLE or time.monotonic() > deadline:
+                raise FeddmmrError(f"SuperNode {src} could not describe its data: {reply.error.reason}")
+        if len(info) < len(ids):
+            if time.monotonic() > deadline:
+                raise FeddmmrError(f"SuperNodes {sorted(set(ids) - set(info))} did not answer within "
+                                   f"federation.timeout; check that they are running")
+            time.sleep(0.5)
+    return info
+
+
+def connect_nodes(grid: Grid, expected: int, data: Prepared, timeout: float) -> list[int]:
+    """Wait for ``expected`` SuperNodes, ask each its partition; node ids by partition. Fails when the
+    partitions do not cover 0..expected-1 once, or a node's prepared data differ from the server's."""
+    deadline = time.monotonic() + timeout
+    while len(ids := sorted(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise FeddmmrError(f"{len(ids)} of federation.nodes={expected} SuperNodes connected within "
+                               f"federation.timeout={timeout:g}s; start the missing ones or lower federation.nodes")
+        time.sleep(0.5)
+    nodes: dict[int, int] = {}
+    for src, info in _describe(grid, ids, deadline).items():
+        if {k: info[k] for k in _fingerprint(data)} != _fingerprint(data):
+            raise FeddmmrError(f"SuperNode {src} holds other prepared data ({info['num_users']} users, "
+                               f"{info['num_items']} items) than the server; give every node the same `prepare` output")
+        if info["num-partitions"] != expected or info["partition-id"] in nodes:
+            raise FeddmmrError(f"SuperNode {src} is partition {info['partition-id']} of {info['num-partitions']}; "
+                               f"the federation needs partitions 0..{expected - 1} of {expected}, each once")
+        nodes[int(info["partition-id"])] = src
+    return [nodes[p] for p in range(expected)]
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def run_stage(grid: Grid, context: Context) -> None:
+    """Train the stage of the job (``train_on_flower``) with its round executed by the SuperNodes; the
+    outcome (metrics or error) goes to the job's status file."""
+    config = context.run_config
+    status = Path(str(config["status"]))
+    if not log.handlers:                               # the stage's log, streamed by `flwr run --stream`
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        os.chdir(str(config["project"]))
+        job = json.loads(str(config["job"]))
+        params = load_params(job["params"], job["overrides"])
+        from .stages import train_stage
+        data = load_prepared(job["data"])
+        nodes = connect_nodes(grid, params.federation.nodes, data, params.federation.timeout)
+        rounds = FlowerRounds(grid, nodes, params.federation.timeout)
+        metrics = train_stage(job["stage"], params, job["data"], job["out"], job["metrics"], progress=False,
+                              features_dir=job["features"], init_dir=job["init"], restart=job["restart"], rounds=rounds)
+        write_json(status, {"ok": True, "metrics": metrics})
+    except FeddmmrError as exc:
+        write_json(status, {"ok": False, "error": str(exc)})
+    except BaseException as exc:
+        write_json(status, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FeddmmrError(f"the local SuperLink exited ({proc.returncode}): {_tail(log_file)}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FeddmmrError(f"the local SuperLink did not open 127.0.0.1:{port} within {timeout:g}s: {_tail(log_file)}")
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    text = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+    return " | ".join(text[-lines:]) or "no output"
+
+
+def _bin(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    if exe.exists():
+        return str(exe)
+    found = shutil.which(name)
+    if not found:
+        raise FeddmmrError(f"{name} not found: install the Flower extra (pip install -e '.[flower]')")
+    return found
+
+
+@contextlib.contextmanager
+def local_federation(nodes: int, data_dir: Path, work: Path, project: Path) -> Iterator[str]:
+    """A SuperLink and ``nodes`` SuperNodes on 127.0.0.1 (SuperNode p holds partition p of ``data_dir``),
+    stopped on exit; yields the SuperLink's control API address."""
+    serverappio, fleet, control, *appio = _free_ports(3 + nodes)
+    env = {**os.environ, **FLOWER_ENV}
+    procs = []
+    try:
+        link_log = work / "superlink.log"
+        procs.append(subprocess.Popen(
+            [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+             "--serverappio-api-address", f"127.0.0.1:{serverappio}", "--fleet-api-address", f"127.0.0.1:{fleet}",
+             "--control-api-address", f"127.0.0.1:{control}"],   # state in memory
+            cwd=project, env={**env, "FLWR_HOME": str(work / "superlink")}, stdout=link_log.open("w"),
+            stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_port(control, procs[0], link_log)
+        _wait_port(fleet, procs[0], link_log)
+        for p in range(nodes):
+            node_config = f"data-dir='{data_dir}' partition-id={p} num-partitions={nodes}"
+            procs.append(subprocess.Popen(
+                [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
+                 "--clientappio-api-address", f"127.0.0.1:{appio[p]}", "--node-config", node_config],
+                cwd=project, env={**env, "FLWR_HOME": str(work / f"supernode-{p}")},
+                stdout=(work / f"supernode-{p}.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+        yield f"127.0.0.1:{control}"
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def write_app(folder: Path, address: str) -> tuple[Path, Path]:
+    """The Flower app (its pyproject.toml) and a Flower config naming the SuperLink ``address``; (app, home)."""
+    app, home = folder / "app", folder / "flwr-home"
+    app.mkdir(parents=True)
+    home.mkdir(parents=True)
+    (app / "pyproject.toml").write_text(APP_TOML)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "feddmmr"\n\n[superlink.feddmmr]\n'
+                                      f'address = "{address}"\ninsecure = true\n')
+    return app, home
+
+
+def train_on_flower(stage: str, params: Params, params_path: str | None, overrides: list[str], data_dir: str,
+                    out_dir: str, metrics_path: str, features_dir: str = "features", init_dir: str | None = None,
+                    restart: bool = False) -> dict:
+    """Train ``stage`` on a Flower federation (``params.federation``); returns its metrics as ``train_stage`` does."""
+    if stage not in ENGINE_STAGES:
+        raise FeddmmrError(f"the Flower engine trains {', '.join(ENGINE_STAGES)} so far; train {stage} with "
+                           "federation.engine=simulation (--engine simulation)")
+    fed, project = params.federation, Path.cwd()
+    job = {"stage": stage, "params": str(Path(params_path).resolve()) if params_path else None,
+           "overrides": list(overrides) + ["federation.engine=flower"], "data": str(Path(data_dir).resolve()),
+           "out": str(Path(out_dir).resolve()), "metrics": str(Path(metrics_path).resolve()),
+           "features": str(Path(features_dir).resolve()), "init": init_dir and str(Path(init_dir).resolve()),
+           "restart": restart}
+    with tempfile.TemporaryDirectory(prefix="feddmmr-flower-") as tmp:
+        work = Path(tmp)
+        status = work / "status.json"
+        run_config = work / "run-config.toml"
+        run_config.write_text(f"project = {json.dumps(str(project))}\njob = {json.dumps(json.dumps(job))}\n"
+                              f"status = {json.dumps(str(status))}\n")
+        with (local_federation(fed.nodes, Path(data_dir).resolve(), work, project) if not fed.superlink
+              else contextlib.nullcontext(fed.superlink)) as address:
+            app, home = write_app(work, address)
+            proc = subprocess.run([_bin("flwr"), "run", str(app), "feddmmr", "--stream", "--run-config", str(run_config)],
+                                  env={**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home)})
+        if not status.is_file():
+            raise FeddmmrError(f"the Flower run of {stage} ended (flwr run exited {proc.returncode}) without a result; "
+                               f"see its output above")
+        outcome = read_json(status, "Flower run status")
+    if not outcome["ok"]:
+        raise FeddmmrError(f"{stage} on Flower: {outcome['error']}")
+    return outcome["metrics"]
