@@ -243,3 +243,18 @@ def test_full_softmax_loss_is_cross_entropy_over_every_item():
     assert not torch.allclose(sampled, loss)
     with pytest.raises(ValueError, match="backbone"):
         functional_call(_mm(), dict(_mm().named_parameters()), (x, None, torch.zeros_like(y), z, z))
+
+
+def test_a_model_with_no_modality_left_scores_as_its_backbone():
+    """Every modality masked (a visual-only ablation without posters): scores over all items keep their
+    [B, I] shape in any chunking, equal the candidate scores and the backbone's own."""
+    m = _mm()
+    m.set_features({k: (getattr(m, f"features_{k}").clone(), torch.zeros(31, dtype=torch.bool))
+                    for k in ("visual", "text")})
+    h = m.encode(torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [0, 0, 0, 9, 8, 7, 6, 5]]))[:, -1]
+    mem = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    scores = m.score_all(h, mem, mem > 0, chunk=1)
+    assert scores.shape == (2, 30)
+    torch.testing.assert_close(scores, h @ m.sasrec.item_emb.weight[1:].T)
+    items = torch.tensor([[1, 5, 30], [2, 3, 4]])
+    torch.testing.assert_close(m.score(h, items, mem, mem > 0), scores.gather(1, items - 1))

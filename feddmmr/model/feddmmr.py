@@ -160,7 +160,7 @@ class FedDMMR(nn.Module):
         E_c = rows(self.sasrec.item_emb.weight)                                             # [..., C, d]
         w = rows(tables["route"])                                                           # [..., C, M]
         slot_avail = F.embedding(mem_ids, self.avail.to(E_c.dtype)) > 0                    # [..., K, M]
-        aux = torch.zeros_like(w[..., 0])
+        aux = E_c.new_zeros(torch.broadcast_shapes(mem_ids.shape[:-1] + (1,), w.shape[:-1]))  # [..., C]
         for i, m in enumerate(self.modalities):
             if not self.covered[m]:           # no item has it: its router weight is 0 everywhere
                 continue
