@@ -38,7 +38,8 @@ def train(root: Path, engine: str, overrides: list[str]) -> tuple[dict, float, l
     if proc.returncode:
         sys.exit(f"{engine}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
     lines = [m.group(0) for m in re.finditer(r"round \d+ on \d+ SuperNodes.*", proc.stdout + proc.stderr)]
-    return json.loads((root / f"m/{engine}.json").read_text()), wall, lines
+    summary = proc.stdout[proc.stdout.rfind('{\n  "stage"'):]          # what `feddmmr train` prints last
+    return json.loads(summary), wall, lines
 
 
 def main() -> None:
