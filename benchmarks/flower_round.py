@@ -37,7 +37,7 @@ def train(root: Path, engine: str, overrides: list[str]) -> tuple[dict, float, l
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"{engine}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-    lines = [m.group(0) for m in re.finditer(r"round \d+ on \d+ SuperNodes.*", proc.stdout + proc.stderr)]
+    lines = list(dict.fromkeys(m.group(0) for m in re.finditer(r"round \d+ on \d+ SuperNodes.*", proc.stdout)))
     summary = proc.stdout[proc.stdout.rfind('{\n  "stage"'):]          # what `feddmmr train` prints last
     return json.loads(summary), wall, lines
 
