@@ -84,6 +84,14 @@ status = ""
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
+def flower_env(**extra: str) -> dict[str, str]:
+    """The environment of the Flower processes: telemetry off, and this interpreter's bin folder first on
+    PATH, since the SuperLink and SuperNodes start flower-superexec, flwr-serverapp and flwr-clientapp by
+    name (a virtual environment that was not activated still works)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, **FLOWER_ENV, "PATH": path, **extra}
+
+
 # ---------------------------------------------------------------------------------------------- node side
 
 def node_partition(node_config: dict) -> tuple[Path, int, int]:
@@ -343,7 +351,6 @@ def local_federation(nodes: int, data_dir: Path, work: Path, project: Path) -> I
     """A SuperLink and ``nodes`` SuperNodes on 127.0.0.1 (SuperNode p holds partition p of ``data_dir``),
     stopped on exit; yields the SuperLink's control API address."""
     serverappio, fleet, control, *appio = _free_ports(3 + nodes)
-    env = {**os.environ, **FLOWER_ENV}
     procs = []
     try:
         link_log = work / "superlink.log"
@@ -351,7 +358,7 @@ def local_federation(nodes: int, data_dir: Path, work: Path, project: Path) -> I
             [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
              "--serverappio-api-address", f"127.0.0.1:{serverappio}", "--fleet-api-address", f"127.0.0.1:{fleet}",
              "--control-api-address", f"127.0.0.1:{control}"],   # state in memory
-            cwd=project, env={**env, "FLWR_HOME": str(work / "superlink")}, stdout=link_log.open("w"),
+            cwd=project, env=flower_env(FLWR_HOME=str(work / "superlink")), stdout=link_log.open("w"),
             stderr=subprocess.STDOUT, start_new_session=True))
         _wait_port(control, procs[0], link_log)
         _wait_port(fleet, procs[0], link_log)
@@ -360,7 +367,7 @@ def local_federation(nodes: int, data_dir: Path, work: Path, project: Path) -> I
             procs.append(subprocess.Popen(
                 [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
                  "--clientappio-api-address", f"127.0.0.1:{appio[p]}", "--node-config", node_config],
-                cwd=project, env={**env, "FLWR_HOME": str(work / f"supernode-{p}")},
+                cwd=project, env=flower_env(FLWR_HOME=str(work / f"supernode-{p}")),
                 stdout=(work / f"supernode-{p}.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True))
         yield f"127.0.0.1:{control}"
     finally:
@@ -408,10 +415,11 @@ def train_on_flower(stage: str, params: Params, params_path: str | None, overrid
               else contextlib.nullcontext(fed.superlink)) as address:
             app, home = write_app(work, address)
             proc = subprocess.run([_bin("flwr"), "run", str(app), "feddmmr", "--stream", "--run-config", str(run_config)],
-                                  env={**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home)})
+                                  env=flower_env(FLWR_HOME=str(home)))
         if not status.is_file():
+            link = f"; the local SuperLink's log ends: {_tail(work / 'superlink.log')}" if not fed.superlink else ""
             raise FeddmmrError(f"the Flower run of {stage} ended (flwr run exited {proc.returncode}) without a result; "
-                               f"see its output above")
+                               f"see its output above{link}")
         outcome = read_json(status, "Flower run status")
     if not outcome["ok"]:
         raise FeddmmrError(f"{stage} on Flower: {outcome['error']}")
