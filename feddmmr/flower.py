@@ -375,9 +375,9 @@ def local_federation(nodes: int, data_dir: Path, work: Path, project: Path) -> I
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):   # whatever of its group is left (a ServerApp, a ClientApp)
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
