@@ -85,7 +85,17 @@ class Workspace:
         ws._share_dvc()
         return ws
 
+    @classmethod
+    def attach(cls, project: str | Path, name: str) -> Workspace:
+        """The workspace a pipeline flow run opened (a step running in its own container joins it)."""
+        ws = cls(check_project(project), name)
+        if not (ws.path / ".git").is_dir():
+            raise FeddmmrError(f"no workspace {ws.path}: a step runs inside the workspace of a feddmmr-pipeline "
+                               f"flow run, which must mount the project at the same path as its steps")
+        return ws
+
     def _share_dvc(self) -> None:
+        """The clone uses the project's DVC cache, remotes and default remote (from any of its config files)."""
         cache = run(["dvc", "cache", "dir"], self.project, "dvc cache dir")
         run(["dvc", "cache", "dir", "--local", cache], self.path, "dvc cache dir --local")
         listing = run(["dvc", "config", "--list", "--show-origin"], self.project, "dvc config --list")
@@ -95,7 +105,10 @@ class Workspace:
                 continue
             if "://" not in url and not os.path.isabs(url):   # relative to the config file that names it
                 url = str((self.project / Path(origin).parent / url).resolve())
-            run(["dvc", "remote", "modify", "--local", key.split(".")[1], "url", url], self.path, "dvc remote modify")
+            run(["dvc", "remote", "add", "--local", "--force", key.split(".")[1], url], self.path, "dvc remote add")
+        default = run(["dvc", "remote", "default"], self.project, "dvc remote default")
+        if default:   # the project's default remote, wherever it is set (the stack sets it in its local config)
+            run(["dvc", "remote", "default", "--local", default], self.path, "dvc remote default")
         if subprocess.run(["git", "config", "user.email"], cwd=self.path, capture_output=True).returncode:
             run(["git", "config", "user.email", "feddmmr@localhost"], self.path, "git config")
             run(["git", "config", "user.name", "feddmmr flow"], self.path, "git config")
@@ -116,9 +129,12 @@ class Workspace:
         return load_params(self.path / "params.yaml", [])
 
     def repro(self, stage: str, on_line: Callable[[str], None]) -> bool:
-        """`dvc repro --single-item <stage>`, streaming its output; False when DVC skipped or restored it."""
+        """`dvc repro --single-item <stage>`, streaming its output; False when DVC skipped or restored it.
+        The stage runs the workspace's own library (the commit's code, which dvc.lock hashes), not the one
+        installed beside this interpreter."""
+        code = os.pathsep.join([str(self.path), *filter(None, [os.environ.get("PYTHONPATH")])])
         proc = subprocess.Popen([str(BIN / "dvc"), "repro", "--single-item", stage], cwd=self.path,
-                                env=_env(FEDDMMR_PIPELINE_RUN=self.name), stdout=subprocess.PIPE,
+                                env=_env(FEDDMMR_PIPELINE_RUN=self.name, PYTHONPATH=code), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         lines = []
         for line in proc.stdout:
