@@ -8,6 +8,9 @@ named after the flow run and pushes it to the project and its outputs to the DVC
 are grouped under one parent run of the same name. The Prefect UI shows one task per step, a metrics
 table per stage linking to its MLflow run, and a final comparison of the stages.
 
+Steps run as subprocesses of the flow run (``steps_on=process``, the default) or each in its own
+container through the step deployments of the docker work pool (``steps_on=docker``, ``flows.steps``).
+
     python -m flows.pipeline --help
 """
 from __future__ import annotations
@@ -23,14 +26,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from feddmmr.errors import FeddmmrError
-from feddmmr.modalities import NAMES
+from flows.steps import BASELINE_STEPS, PROTOCOLS, STEPS, TRAIN_STEPS, StepsOn, run_in_container, run_step, task_name
 from flows.workspace import StepFailed, Workspace, experiment_name
 
-TRAIN_STEPS = ("pretrain_sasrec", "align_projectors", "finetune_moe")
-BASELINE_STEPS = ("popularity", "centralized")          # evaluated like the stages, shown beside them
-STEPS = ("prepare", *(f"features_{m}" for m in NAMES)) + TRAIN_STEPS + BASELINE_STEPS
 Dataset = Literal["params", "demo", "ml-1m-top1000", "ml-100k"]
-PROTOCOLS = ("full", "sampled")
 
 
 def dataset_overrides(dataset: str, data_root: str) -> list[str]:
@@ -47,12 +46,6 @@ def dataset_overrides(dataset: str, data_root: str) -> list[str]:
     if dataset == "ml-1m-top1000":
         return ["prepare.source=ml-1m", f"prepare.path={Path(root) / 'ml-1m'}", "prepare.top_k_users=1000"]
     return ["prepare.source=ml-100k", f"prepare.path={Path(root) / 'ml-100k'}", "prepare.top_k_users=0"]
-
-
-def task_name(step: str) -> str:
-    if step in TRAIN_STEPS:
-        return f"train-{step}"
-    return step.replace("_", "-")
 
 
 def transient(task_, task_run, state) -> bool:
@@ -74,49 +67,10 @@ def open_workspace(project: str, name: str, rev: str, overrides: list[str]) -> W
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient, cache_policy=NO_CACHE)
-def step_task(ws: Workspace, step: str) -> bool:
-    log = get_run_logger()
-    ran = ws.repro(step, log.info)
-    if step in TRAIN_STEPS:
-        stage_artifact(ws, step, ran)
-    return ran
-
-
-def stage_artifact(ws: Workspace, stage: str, ran: bool) -> None:
-    """A markdown table of the stage's metrics in the Prefect UI, with a link to the MLflow run."""
-    m = ws.read_json(f"metrics/{stage}.json")
-    rows = ["| split | protocol | HR@10 | NDCG@10 | MRR |", "|---|---|---|---|---|"]
-    for split in ("val", "test"):
-        for protocol in PROTOCOLS:
-            if protocol in m[split]:
-                r = m[split][protocol]
-                rows.append(f"| {split} | {protocol} | {r['HR@10']:.4f} | {r['NDCG@10']:.4f} | {r['MRR']:.4f} |")
-    link = mlflow_link(ws, stage)
-    how = "trained in this run" if ran else "restored from the DVC run-cache (same inputs, not retrained)"
-    create_markdown_artifact(key=f"{stage.replace('_', '-')}-metrics", description=f"{stage} of {ws.name}",
-                             markdown=f"### {stage}\n\nBest round {m['best_round']} of {m['rounds_run']} rounds run; "
-                                      f"{how}. MLflow: {link}\n\n" + "\n".join(rows))
-
-
-def mlflow_link(ws: Workspace, stage: str) -> str:
-    """The MLflow run that wrote this stage's checkpoint (found by its hash), as a link to the MLflow UI."""
-    import mlflow
-
-    from feddmmr.io import file_sha256
-    from feddmmr.tracking import EXPERIMENT, tracking_uri
-    try:
-        client = mlflow.MlflowClient(tracking_uri(ws.path))
-        exp = client.get_experiment_by_name(EXPERIMENT)
-        sha = file_sha256(ws.path / "checkpoints" / stage / "model.safetensors")
-        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.checkpoint_sha256 = '{sha}'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-    except Exception as exc:   # the metrics are the artifact; a missing link is not a failed step
-        return f"(no MLflow run found: {str(exc).splitlines()[0]})"
-    if not runs:
-        return "(no MLflow run records this checkpoint: tracking off?)"
-    ui = os.environ.get("FEDDMMR_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
-    run_id = runs[0].info.run_id
-    return f"[run {run_id[:8]}]({ui}/#/experiments/{exp.experiment_id}/runs/{run_id})"
+def step_task(ws: Workspace, step: str, steps_on: StepsOn, gpu: bool) -> bool:
+    if steps_on == "docker":
+        return run_in_container(ws, step, gpu)
+    return run_step(ws, step)
 
 
 @task(name="save-experiment", task_run_name="save-experiment", cache_policy=NO_CACHE)
@@ -140,7 +94,7 @@ def save_task(ws: Workspace, metrics: dict[str, dict]) -> str:
 
 @flow(name="feddmmr-pipeline", log_prints=True)
 def pipeline(overrides: list[str] | None = None, dataset: Dataset = "params", data_root: str = "",
-             project_dir: str = "", rev: str = "HEAD") -> dict:
+             project_dir: str = "", rev: str = "HEAD", steps_on: StepsOn = "process", gpu: bool = True) -> dict:
     """Run the pipeline as a DVC experiment named after this flow run.
 
     Args:
@@ -149,6 +103,9 @@ def pipeline(overrides: list[str] | None = None, dataset: Dataset = "params", da
         data_root: folder with ml-1m/ and ml-100k/ (default: FEDDMMR_DATA_ROOT).
         project_dir: the project's git + DVC checkout (default: FEDDMMR_PROJECT_DIR, else the working directory).
         rev: the commit to run (default: the project's HEAD).
+        steps_on: process (subprocesses of this flow run) | docker (each step a run of its feddmmr-step
+            deployment, in its own container, which must see the project at the same path as this flow run).
+        gpu: with steps_on=docker, false drops the GPU request of the GPU steps (for hosts without a GPU).
     """
     project = Path(project_dir or os.environ.get("FEDDMMR_PROJECT_DIR") or ".").resolve()
     all_overrides = dataset_overrides(dataset, data_root) + list(overrides or [])
@@ -157,7 +114,7 @@ def pipeline(overrides: list[str] | None = None, dataset: Dataset = "params", da
     ran, previous = {}, []
     for step in STEPS:   # in DVC's order, one after the other; wait_for draws the chain in the UI's graph
         future = step_task.with_options(name=task_name(step), task_run_name=task_name(step)).submit(
-            ws, step, wait_for=previous)
+            ws, step, steps_on, gpu, wait_for=previous)
         ran[step], previous = future.result(), [future]
     metrics = {s: ws.read_json(f"metrics/{s}.json") for s in TRAIN_STEPS + BASELINE_STEPS}
     save_task.submit(ws, metrics, wait_for=previous).result()
@@ -175,9 +132,14 @@ def main() -> None:
     ap.add_argument("--project-dir", default="",
                     help="the project's git + DVC checkout (default: FEDDMMR_PROJECT_DIR, else the working directory)")
     ap.add_argument("--rev", default="HEAD", help="commit to run (default: HEAD); uncommitted edits are not part of a run")
+    ap.add_argument("--steps-on", default="process", choices=["process", "docker"],
+                    help="process: steps as subprocesses (default); docker: each step in its own container through "
+                         "the feddmmr-step deployments (needs PREFECT_API_URL and a docker worker, docker/README.md)")
+    ap.add_argument("--no-gpu", dest="gpu", action="store_false",
+                    help="with --steps-on docker: drop the GPU request of the GPU steps")
     args = ap.parse_args()
     try:
-        pipeline(args.overrides, args.dataset, args.data_root, args.project_dir, args.rev)
+        pipeline(args.overrides, args.dataset, args.data_root, args.project_dir, args.rev, args.steps_on, args.gpu)
     except (FeddmmrError, StepFailed) as exc:
         raise SystemExit(f"flows.pipeline: error: {exc}") from None
 
