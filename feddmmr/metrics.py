@@ -51,38 +51,42 @@ class Evaluator:
         self.splits = {}
         for split in ("val", "test"):
             x, target, hist = eval_inputs(data, split)
-            rows = np.repeat(np.arange(data.num_users), [len(h) for h in hist])
-            cols = np.concatenate(hist) if hist else np.zeros(0, dtype=np.int64)
-            self.splits[split] = (x, target, torch.from_numpy(rows), torch.from_numpy(cols))
+            indptr = np.concatenate([[0], np.cumsum([len(h) for h in hist])]).astype(np.int64)  # user u's history:
+            cols = np.concatenate(hist) if hist else np.zeros(0, dtype=np.int64)              # cols[indptr[u]:indptr[u+1]]
+            self.splits[split] = (x, target, indptr, cols)
         self.negatives = torch.from_numpy(data.eval_negatives)
 
     @torch.no_grad()
-    def ranks(self, model: torch.nn.Module, split: str, memory=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rank of each user's target under both protocols; ``memory`` (a MemoryBank) feeds multimodal models."""
-        x, target, h_rows, h_cols = self.splits[split]
+    def ranks(self, model: torch.nn.Module, split: str, memory=None,
+              users: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank of each user's target under both protocols; ``memory`` (a MemoryBank) feeds multimodal models.
+        ``users``: only these users (a SuperNode's), in this order (default: every user)."""
+        x, target, indptr, cols = self.splits[split]
         device = next(model.parameters(), torch.empty(0)).device
         was_training = model.training
         model.eval()
         full, sampled = [], []
         self.nonfinite = 0
-        for lo in range(0, len(x), self.batch_size):
-            hi = min(lo + self.batch_size, len(x))
-            h = model.encode(x[lo:hi].to(device))[:, -1]                # [b, d] most recent position
+        order = np.arange(len(x)) if users is None else np.asarray(users, dtype=np.int64)
+        for lo in range(0, len(order), self.batch_size):
+            batch = order[lo: lo + self.batch_size]
+            sel = slice(int(batch[0]), int(batch[-1]) + 1) if users is None else torch.from_numpy(batch)
+            h = model.encode(x[sel].to(device))[:, -1]                 # [b, d] most recent position
             mem = {}
             if getattr(model, "multimodal", False):                    # every slot precedes val/test targets
-                ids = (memory.retrieve(range(lo, hi))[0] if memory is not None
-                       else torch.zeros(hi - lo, 1, dtype=torch.long)).to(device)
+                ids = (memory.retrieve(batch)[0] if memory is not None
+                       else torch.zeros(len(batch), 1, dtype=torch.long)).to(device)
                 mem = {"mem_ids": ids, "visible": ids > 0}
             scores = self._worst_if_nonfinite(model.score_all(h, **mem))  # [b, I], column j = item j+1
-            pos = scores.gather(1, (target[lo:hi].to(device) - 1).unsqueeze(1))  # [b, 1]
-            sel = (h_rows >= lo) & (h_rows < hi)
-            scores[(h_rows[sel] - lo).to(device), (h_cols[sel] - 1).to(device)] = float("-inf")  # history never competes
+            pos = scores.gather(1, (target[sel].to(device) - 1).unsqueeze(1))  # [b, 1]
+            h_rows, h_cols = _history(indptr, cols, batch, contiguous=users is None)
+            scores[h_rows.to(device), (h_cols - 1).to(device)] = float("-inf")  # history never competes
             full.append((scores >= pos).sum(1).cpu())                   # target counts itself: rank >= 1
             if self.negatives.shape[1]:
-                neg = self._worst_if_nonfinite(model.score(h, self.negatives[lo:hi].to(device), **mem))  # [b, N]
+                neg = self._worst_if_nonfinite(model.score(h, self.negatives[sel].to(device), **mem))  # [b, N]
                 sampled.append((1 + (neg >= pos).sum(1)).cpu())
         model.train(was_training)
-        full_r = torch.cat(full)
+        full_r = torch.cat(full) if full else torch.zeros(0, dtype=torch.long)
         sampled_r = torch.cat(sampled) if sampled else torch.zeros(0)
         return full_r, sampled_r
 
@@ -103,6 +107,17 @@ class Evaluator:
         if self.nonfinite:
             out["nonfinite_scores"] = self.nonfinite
         return out
+
+
+def _history(indptr: np.ndarray, cols: np.ndarray, batch: np.ndarray, contiguous: bool) -> tuple[torch.Tensor, ...]:
+    """The known history of a batch of users as (row in the batch, item id) pairs."""
+    counts = indptr[batch + 1] - indptr[batch]
+    rows = np.repeat(np.arange(len(batch)), counts)
+    if contiguous:                                                     # users batch[0] .. batch[-1]
+        items = cols[indptr[batch[0]]: indptr[batch[-1] + 1]]
+    else:
+        items = np.concatenate([cols[indptr[u]: indptr[u + 1]] for u in batch]) if len(batch) else cols[:0]
+    return torch.from_numpy(rows), torch.from_numpy(items)
 
 
 def pick(metrics: dict[str, dict[str, float]], name: str) -> float:

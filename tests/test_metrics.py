@@ -35,6 +35,17 @@ def test_batched_ranks_match_a_per_user_brute_force(tiny_prepared):
         assert full[u] == expected_full and sampled[u] == expected_sampled, u
 
 
+def test_a_subset_of_users_ranks_as_in_the_whole_pass(tiny_prepared):
+    """A SuperNode ranks only its users (any order, any batch size): the ranks the whole pass gives them."""
+    data = load_prepared(tiny_prepared)
+    torch.manual_seed(0)
+    model = build_model(tiny_params(), data).eval()
+    full, sampled = Evaluator(data, [10], batch_size=7).ranks(model, "val")
+    users = np.random.default_rng(0).permutation(data.num_users)[:data.num_users // 2]
+    sub_full, sub_sampled = Evaluator(data, [10], batch_size=5).ranks(model, "val", users=users)
+    assert torch.equal(sub_full, full[users]) and torch.equal(sub_sampled, sampled[users])
+
+
 def test_constant_model_ties_count_against_target(tiny_prepared):
     data = load_prepared(tiny_prepared)
 
