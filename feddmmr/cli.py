@@ -117,7 +117,9 @@ Stages 2-3 need the feature files (`feddmmr features text|visual`) and keep a me
     p.add_argument("--engine", choices=["simulation", "flower"],
                    help="where the clients train (default: federation.engine in params.yaml, simulation): simulation "
                         "= on this machine; flower = on a Flower federation, the SuperLink at federation.superlink or "
-                        "one started on 127.0.0.1 with federation.nodes SuperNodes (needs the flower extra)")
+                        "one started on 127.0.0.1 with federation.nodes SuperNodes (needs the flower extra); in "
+                        "stages 2-3 the SuperNodes keep the client memories, so a stage trained there continues only "
+                        "on that federation")
     p.add_argument("--restart", action="store_true",
                    help="discard the saved state of an interrupted run of this stage and start from round 0 "
                         "(by default a killed stage resumes from its last completed round)")

@@ -416,8 +416,9 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
 
 @torch.no_grad()
 def warm_memories(model: nn.Module, pool: ClientPool, memory: MemoryBank, tp: TrainParams,
-                  windows_per_batch: int = 256) -> int:
-    """Every client observes its training targets once, with the surprise the current model gives them.
+                  users: list[int] | None = None) -> int:
+    """Every client (of ``users``, default all) observes its training targets once, with the surprise the
+    current model gives them.
 
     Used when a stage starts with empty memories, so that every client (and the round-0 evaluation)
     has a memory before its first participation. Returns the long-term writes.
@@ -426,7 +427,8 @@ def warm_memories(model: nn.Module, pool: ClientPool, memory: MemoryBank, tp: Tr
     was_training = model.training
     model.eval()
     obs = _Observations()
-    batches = [(u, b) for u in range(pool.data.num_users) for b in pool.plan(u, 0, tp) if b.last_epoch]
+    users = range(pool.data.num_users) if users is None else users
+    batches = [(u, b) for u in users for b in pool.plan(u, 0, tp) if b.last_epoch]
     empty = torch.zeros(0, dtype=torch.long, device=device)  # no slots: the experts add only their LN bias
     for lo in range(0, len(batches), 64):
         group = batches[lo: lo + 64]

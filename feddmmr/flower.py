@@ -19,9 +19,13 @@ data, a ServerApp and a ClientApp. Here:
 127.0.0.1 unless ``federation.superlink`` names a running one, submits the run with ``flwr run`` and
 reports the stage's metrics or its error.
 
-The multimodal stages keep a memory per client, which lives with the client's data; the server only
-validates on it. Until the SuperNodes keep those memories, this engine trains ``pretrain_sasrec`` and
-refuses the other stages in one line.
+The multimodal stages keep a memory per client, which lives with the client's data: each SuperNode keeps
+its users' memories (``remote_memory.NodeMemories``, in the ``state-dir`` of its node config, beside its
+``features-dir`` of item features), fills them at the start of a stage, updates them in every round and
+ranks its users' validation and test targets with them (``evaluate_users``). The server holds only a
+pointer to the nodes' snapshot (``remote_memory.RemoteMemory``), in its resume state and in the
+checkpoint's ``memory.safetensors``; the next stage on the same federation continues from it. Stage 1
+is validated on the server, which holds the prepared data as every node does.
 """
 from __future__ import annotations
 
@@ -40,23 +44,28 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from .client import ClientPool, RoundResult, _split_params, client_chunks, train_chunk_sequential, use_sparse
-from .config import MultimodalTrainParams, Params, TrainParams, load_params
+from .client import (ClientPool, RoundResult, _split_params, client_chunks, train_chunk_sequential, use_sparse,
+                     warm_memories)
+from .config import MemoryParams, MultimodalTrainParams, Params, TrainParams, load_params
 from .data import Prepared, load_prepared
 from .errors import FeddmmrError
+from .features import load_modalities
 from .io import read_json, write_json
+from .memory import STATE_KEYS, MemoryBank, combined_features
+from .metrics import Evaluator
 from .model import FedDMMR, FedDMMRConfig
+from .remote_memory import NodeMemories, RemoteMemory, run_name, summary_of, summary_parts
 from .server import FedAvg, PartialSum
 
 log = logging.getLogger("feddmmr")
 
-ENGINE_STAGES = ("pretrain_sasrec",)           # the stages this engine trains (see the module's docstring)
 APP_TOML = """\
 [build-system]
 requires = ["setuptools>=65"]
@@ -81,6 +90,7 @@ project = ""
 job = ""
 status = ""
 """
+NODES_DIR = ".flower-nodes"    # beside the stage's output: the local SuperNodes' memories, which later stages continue
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
@@ -131,31 +141,134 @@ def _process_age() -> float:
         return 0.0
 
 
+class _Node:
+    """What a SuperNode's handlers work on: its partition of the prepared data and, for a multimodal job, the
+    item features (checked against the server's) and its snapshots of its users' memories."""
+
+    def __init__(self, context: Context, job: dict):
+        data_dir, self.part, self.parts = node_partition(context.node_config)
+        self.data = load_prepared(data_dir)
+        self.users = np.arange(self.part, self.data.num_users, self.parts)
+        self.memory_job, self.features, self.memories = job.get("memory"), None, None
+        if self.memory_job:
+            from .stages import stage_features
+            features_dir, state_dir = node_memory_dirs(context.node_config)
+            feats = load_modalities(features_dir, self.data)
+            other = [m for m, sha in self.memory_job["features"].items() if feats[m].sha256 != sha]
+            if other:
+                raise FeddmmrError(f"this SuperNode's {', '.join(other)} features ({features_dir}) differ from the "
+                                   f"server's; give every node the same `features` output")
+            self.features = stage_features(feats, used=self.memory_job["modalities"])
+            self.params = MemoryParams(**self.memory_job["params"])
+            self.memories = NodeMemories(state_dir, self.users, self.data.num_users)
+
+    def model(self, job: dict, msg: Message) -> FedDMMR:
+        model = FedDMMR(FedDMMRConfig(**job["model"]))
+        model.load_state_dict(msg.content["model"].to_torch_state_dict(), strict=True)
+        if self.features is not None:
+            model.set_features(self.features)
+        return model
+
+    def bank(self, rnd: int | None = None) -> MemoryBank:
+        """The snapshot after round ``rnd`` of this job's run (None: empty memories)."""
+        comb = combined_features(self.features)
+        if rnd is None:
+            return self.memories.empty(self.params, comb)
+        return self.memories.load(self.memory_job["run"], rnd, self.params, comb)
+
+
+def node_memory_dirs(node_config: dict) -> tuple[Path, Path]:
+    """(item features folder, memory snapshots folder) of a SuperNode, which the multimodal stages need."""
+    missing = [k for k in ("features-dir", "state-dir") if k not in node_config]
+    if missing:
+        raise FeddmmrError(f"SuperNode --node-config lacks {', '.join(missing)}: the multimodal stages need the item "
+                           "features and a folder for the client memories; add \"features-dir='<features>' "
+                           "state-dir='<folder of this node>'\"")
+    return Path(str(node_config["features-dir"])), Path(str(node_config["state-dir"]))
+
+
+def _job(msg: Message) -> dict:
+    return json.loads(str(msg.content["config"]["job"]))
+
+
 @client_app.train()
 def train_users(msg: Message, context: Context) -> Message:
-    """The round's users this node holds, trained from the global weights; their summed update goes back."""
+    """The round's users this node holds, trained from the global weights; their summed update goes back.
+    A multimodal round starts from the node's memories after the previous round and saves them after this one."""
     started, t0 = _process_age(), time.perf_counter()
-    data_dir, part, parts = node_partition(context.node_config)
-    job = json.loads(str(msg.content["config"]["job"]))
-    foreign = [u for u in job["users"] if u % parts != part]
+    job = _job(msg)
+    node = _Node(context, job)
+    foreign = [u for u in job["users"] if u % node.parts != node.part]
     if foreign:
-        raise FeddmmrError(f"users {foreign[:5]} are not in this node's partition {part} of {parts}")
+        raise FeddmmrError(f"users {foreign[:5]} are not in this node's partition {node.part} of {node.parts}")
     torch.set_num_threads(max(1, int(context.node_config.get("threads", 1))))
-    model = FedDMMR(FedDMMRConfig(**job["model"]))
-    model.load_state_dict(msg.content["model"].to_torch_state_dict(), strict=True)
-    model.train()
+    model = node.model(job, msg).train()
     tp = (MultimodalTrainParams if model.multimodal else TrainParams)(**job["train"])
-    pool = ClientPool(load_prepared(data_dir))      # built per message: every message runs in a fresh process
-    (users, mem_ids, mem_pos), = client_chunks(job["users"], None, len(job["users"]))
+    pool = ClientPool(node.data)                    # built per message: every message runs in a fresh process
+    bank = node.bank(job["memory"]["from"]) if node.memories else None
+    (users, mem_ids, mem_pos), = client_chunks(job["users"], bank, len(job["users"]))
     t1 = time.perf_counter()
     result = train_chunk_sequential(model, users, mem_ids, mem_pos, pool, job["round"], tp, job["names"], job["sparse"])
+    writes, surprise_sum, surprise_n = result.observed.flush(bank)
+    if bank is not None:
+        node.memories.save(bank, job["memory"]["run"], job["memory"]["to"])
     state = result.update.__getstate__()
     arrays = {f"sum:{k}": torch.from_numpy(v) for k, (_, v) in state["sums"].items()}
     arrays.update({f"rows:{k}": torch.from_numpy(r) for k, (r, _) in state["sums"].items() if r is not None})
     stats = MetricRecord({"total_w": state["total_w"], "loss_sum": result.loss_sum, "steps": result.steps,
-                          "users": len(users), "seconds_start": started, "seconds_load": t1 - t0,
+                          "users": len(users), "writes": writes, "surprise_sum": surprise_sum,
+                          "surprise_n": surprise_n, "seconds_start": started, "seconds_load": t1 - t0,
                           "seconds_train": time.perf_counter() - t1})
     return Message(RecordDict({"update": ArrayRecord(arrays), "stats": stats}), reply_to=msg)
+
+
+@client_app.train("start")
+def start_memories(msg: Message, context: Context) -> Message:
+    """A stage run's memories before its first round (round 0): empty, the node's own snapshot of the start
+    checkpoint's run, or its users' rows of a simulator's checkpoint; then filled once (warm-up) if asked."""
+    job = _job(msg)
+    node = _Node(context, job)
+    start = job["start"]
+    bank = node.bank(None)
+    if start == "rows":
+        node.memories.put_rows(bank, msg.content["rows"].to_torch_state_dict())
+    elif start is not None:
+        bank = node.memories.load(start[0], start[1], node.params, combined_features(node.features))
+    writes = 0
+    if job["warm"]:
+        tp = MultimodalTrainParams(**job["train"])
+        writes = warm_memories(node.model(job, msg), ClientPool(node.data), bank, tp, users=node.users.tolist())
+    node.memories.save(bank, job["memory"]["run"], 0)
+    seen = bool(bank.participations[node.users].any())
+    return Message(RecordDict({"stats": MetricRecord({"writes": writes, "seen": int(seen)})}), reply_to=msg)
+
+
+@client_app.train("finish")
+def finish_memories(msg: Message, context: Context) -> Message:
+    """A finished stage run: only the snapshot its checkpoint names is kept."""
+    job = _job(msg)
+    node = _Node(context, job)
+    node.memories.keep_only(job["memory"]["run"], job["round"])
+    return Message(RecordDict({"stats": MetricRecord({"kept": job["round"]})}), reply_to=msg)
+
+
+@client_app.evaluate()
+def evaluate_users(msg: Message, context: Context) -> Message:
+    """Ranks of this node's users' validation or test targets under the global model and their memories
+    after round ``round``; with a summary of those memories (counts only)."""
+    started, t0 = _process_age(), time.perf_counter()
+    job = _job(msg)
+    node = _Node(context, job)
+    torch.set_num_threads(max(1, int(context.node_config.get("threads", 1))))
+    model = node.model(job, msg)
+    bank = node.bank(job["memory"]["round"])
+    evaluator = Evaluator(node.data, [], job["batch_size"])
+    t1 = time.perf_counter()
+    full, sampled = evaluator.ranks(model, job["split"], bank, users=node.users)
+    arrays = {"users": torch.from_numpy(node.users), "full": full, "sampled": sampled}
+    stats = MetricRecord({"nonfinite": evaluator.nonfinite, "summary": summary_parts(bank, node.users),
+                          "seconds_start": started, "seconds_load": t1 - t0, "seconds_rank": time.perf_counter() - t1})
+    return Message(RecordDict({"ranks": ArrayRecord(arrays), "stats": stats}), reply_to=msg)
 
 
 # ---------------------------------------------------------------------------------------------- server side
@@ -173,48 +286,146 @@ def _partial_sum(update: ArrayRecord, names: list[str], total_w: float) -> Parti
 class FlowerRounds:
     """The round executor of a stage trained on a federation: each SuperNode trains the round's users it
     holds; their partial sums are added in partition order (FedAvg), as ``client.train_round_sequential``
-    adds its chunks."""
+    adds its chunks. In a multimodal stage the nodes also keep their users' memories (``remote_memory``):
+    they fill them at the start, update them in every round and rank their users' targets with them."""
 
     def __init__(self, grid: Grid, nodes: list[int], timeout: float):
         self.grid, self.nodes, self.timeout = grid, nodes, timeout          # nodes[p]: node id of partition p
         self.description = f"Flower federation of {len(nodes)} SuperNodes (user u on node u % {len(nodes)})"
+        self.memory: RemoteMemory | None = None
 
     def __call__(self, model: torch.nn.Module, clients: list[int], pool, rnd: int, tp: TrainParams,
-                 trainable: set[str] | None = None, memory=None) -> RoundResult:
-        if memory is not None:
-            raise FeddmmrError("the Flower engine keeps no client memories yet: train the multimodal stages "
-                               "with federation.engine=simulation")
+                 trainable: set[str] | None = None, memory: RemoteMemory | None = None) -> RoundResult:
         t0 = time.perf_counter()
         global_params, names = _split_params(model, trainable)
-        state = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
         job = {"round": rnd, "names": names, "sparse": use_sparse(names, tp), "train": asdict(tp),
                "model": asdict(model.config)}
-        messages, parts = [], len(self.nodes)
+        if memory is not None:
+            self._started(model, memory)
+            job["memory"] = {**memory.job(), "from": memory.round, "to": rnd}
+        messages, parts, state = [], len(self.nodes), _model_state(model)
         for p, node in enumerate(self.nodes):
             users = [u for u in clients if u % parts == p]
             if users:
                 content = RecordDict({"model": state, "config": ConfigRecord({"job": json.dumps({**job, "users": users})})})
                 messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd)))
-        replies = exchange(self.grid, messages, self.timeout)
-        agg, loss_sum, steps, spent = FedAvg(global_params, names), 0.0, 0, []
-        for m in messages:                                                  # partition order
-            reply = self._reply(replies, m.metadata.dst_node_id, rnd)
+        agg, totals, spent = FedAvg(global_params, names), dict.fromkeys(("loss_sum", "steps", "writes", "surprise_sum",
+                                                                           "surprise_n"), 0.0), []
+        for reply in self._replies(messages, f"round {rnd}"):              # partition order
             stats = reply.content["stats"]
             agg.add_partial(_partial_sum(reply.content["update"], names, float(stats["total_w"])))
-            loss_sum, steps = loss_sum + float(stats["loss_sum"]), steps + int(stats["steps"])
+            for k in totals:
+                totals[k] += float(stats[k])
             spent.append([float(stats[f"seconds_{k}"]) for k in ("start", "load", "train")])
+        if memory is not None:
+            memory.round, memory.seen = rnd, True
         log.info("round %d on %d SuperNodes in %.1fs; slowest node: process start %.1fs, data and model %.1fs, "
                  "training %.1fs", rnd, len(messages), time.perf_counter() - t0, *max(spent, key=sum))
-        return RoundResult(agg.result(), loss_sum / agg.total_w, len(clients), steps)
+        return RoundResult(agg.result(), totals["loss_sum"] / agg.total_w, len(clients), int(totals["steps"]),
+                           int(totals["writes"]), totals["surprise_sum"] / max(totals["surprise_n"], 1))
 
-    def _reply(self, replies: dict, node: int, rnd: int) -> Message:
-        p = self.nodes.index(node)
-        if node not in replies:
-            raise FeddmmrError(f"round {rnd}: SuperNode {node} (partition {p}) sent no reply within "
-                               f"federation.timeout={self.timeout:g}s; check that it is running")
-        if replies[node].has_error():
-            raise FeddmmrError(f"round {rnd}: SuperNode {node} (partition {p}) failed: {replies[node].error.reason}")
-        return replies[node]
+    # ------------------------------------------------------------------ the client memories (multimodal stages)
+    def memory_bank(self, num_users: int, params, feature_sha: dict, modalities: list[str], key: str) -> RemoteMemory:
+        self.memory = RemoteMemory(num_users, params, feature_sha, modalities, run_name(key))
+        return self.memory
+
+    def warm_memories(self, model: torch.nn.Module, pool, memory: RemoteMemory, tp: TrainParams) -> int:
+        return self._start(model, memory, tp)
+
+    def _started(self, model: torch.nn.Module, memory: RemoteMemory) -> None:
+        if memory.round is None:
+            self._start(model, memory, None)
+
+    def _start(self, model: torch.nn.Module, memory: RemoteMemory, tp: TrainParams | None) -> int:
+        """Round 0 of the memories on every node: from the start checkpoint's (or empty), warmed up with ``tp``."""
+        start = memory.start
+        job = {"model": asdict(model.config), "memory": memory.job(), "warm": tp is not None,
+               "train": asdict(tp) if tp is not None else None,
+               "start": None if start is None else "rows" if start[0] == "bank" else list(start[1:])}
+        rows = None
+        if start is not None and start[0] == "bank":      # a simulator's checkpoint: each node gets its users' rows
+            users = [torch.arange(p, memory.num_users, len(self.nodes)) for p in range(len(self.nodes))]
+            rows = [ArrayRecord({k: torch.from_numpy(getattr(start[1], k)[u.numpy()].copy()) for k in STATE_KEYS})
+                    for u in users]
+        replies = self._broadcast("train.start", job, model, rows, "starting the client memories")
+        memory.round = 0
+        memory.seen = memory.seen or any(int(r.content["stats"]["seen"]) for r in replies)
+        return sum(int(r.content["stats"]["writes"]) for r in replies)
+
+    def evaluator(self, data: Prepared, ks: list[int], batch_size: int) -> Evaluator:
+        return FlowerEvaluator(self, data, ks, batch_size)
+
+    def ranks(self, model: torch.nn.Module, split: str, memory: RemoteMemory, batch_size: int):
+        """(full ranks [U], sampled ranks [U], non-finite scores) from the nodes, each ranking its users."""
+        self._started(model, memory)
+        t0 = time.perf_counter()
+        job = {"model": asdict(model.config), "memory": {**memory.job(), "round": memory.round}, "split": split,
+               "batch_size": batch_size}
+        replies = self._broadcast(MessageType.EVALUATE, job, model, None, f"evaluating {split}")
+        spent = max(([float(r.content["stats"][f"seconds_{k}"]) for k in ("start", "load", "rank")] for r in replies),
+                    key=sum)
+        log.info("evaluating %s on %d SuperNodes in %.1fs; slowest node: process start %.1fs, data, features and "
+                 "memories %.1fs, ranking %.1fs", split, len(replies), time.perf_counter() - t0, *spent)
+        parts = [r.content["ranks"].to_torch_state_dict() for r in replies]
+        full = torch.zeros(memory.num_users, dtype=torch.long)
+        sampled = torch.zeros(memory.num_users if len(parts[0]["sampled"]) else 0, dtype=torch.long)
+        for ranks in parts:
+            full[ranks["users"]] = ranks["full"]
+            if len(sampled):
+                sampled[ranks["users"]] = ranks["sampled"]
+        memory.stats = summary_of([list(r.content["stats"]["summary"]) for r in replies], memory.params.lt_capacity)
+        return full, sampled, sum(int(r.content["stats"]["nonfinite"]) for r in replies)
+
+    def finish(self) -> None:
+        """After the stage: the nodes keep only the snapshot its checkpoint names (the best round's)."""
+        if self.memory is not None and self.memory.round is not None:
+            self._broadcast("train.finish", {"memory": self.memory.job(), "round": self.memory.round}, None, None,
+                            "finishing the client memories")
+
+    # ------------------------------------------------------------------ messages
+    def _broadcast(self, kind: str, job: dict, model: torch.nn.Module | None, rows: list | None,
+                   what: str) -> list[Message]:
+        """One message of type ``kind`` to every node (its ``rows`` if given); the replies in partition order."""
+        state = _model_state(model) if model is not None else None
+        messages = []
+        for p, node in enumerate(self.nodes):
+            content = RecordDict({"config": ConfigRecord({"job": json.dumps(job)}),
+                                  **({"model": state} if state is not None else {}),
+                                  **({"rows": rows[p]} if rows is not None else {})})
+            messages.append(Message(content, dst_node_id=node, message_type=kind, group_id=what))
+        return self._replies(messages, what)
+
+    def _replies(self, messages: list[Message], what: str) -> list[Message]:
+        replies = exchange(self.grid, messages, self.timeout)
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            p = self.nodes.index(node)
+            if node not in replies:
+                raise FeddmmrError(f"{what}: SuperNode {node} (partition {p}) sent no reply within "
+                                   f"federation.timeout={self.timeout:g}s; check that it is running")
+            if replies[node].has_error():
+                raise FeddmmrError(f"{what}: SuperNode {node} (partition {p}) failed: {replies[node].error.reason}")
+            out.append(replies[node])
+        return out
+
+
+def _model_state(model: torch.nn.Module) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+class FlowerEvaluator(Evaluator):
+    """Ranks from the SuperNodes when the client memories are theirs (multimodal stages); here otherwise."""
+
+    def __init__(self, rounds: FlowerRounds, data: Prepared, ks: list[int], batch_size: int):
+        super().__init__(data, ks, batch_size)
+        self.rounds = rounds
+
+    def ranks(self, model: torch.nn.Module, split: str, memory=None, users=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(memory, RemoteMemory):
+            return super().ranks(model, split, memory, users)
+        full, sampled, self.nonfinite = self.rounds.ranks(model, split, memory, self.batch_size)
+        return full, sampled
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.05) -> dict[int, Message]:
@@ -292,12 +503,17 @@ def run_stage(grid: Grid, context: Context) -> None:
         os.chdir(str(config["project"]))
         job = json.loads(str(config["job"]))
         params = load_params(job["params"], job["overrides"])
-        from .stages import train_stage
+        from .stages import STAGE_SPECS, train_stage
         data = load_prepared(job["data"])
         nodes = connect_nodes(grid, params.federation.nodes, data, params.federation.timeout)
         rounds = FlowerRounds(grid, nodes, params.federation.timeout)
+        if STAGE_SPECS[job["stage"]].multimodal and params.tracking.log_models:
+            params.tracking.log_models = False
+            log.info("%s: its client memories stay on the SuperNodes, so MLflow gets no servable model of it",
+                     job["stage"])
         metrics = train_stage(job["stage"], params, job["data"], job["out"], job["metrics"], progress=False,
                               features_dir=job["features"], init_dir=job["init"], restart=job["restart"], rounds=rounds)
+        rounds.finish()
         write_json(status, {"ok": True, "metrics": metrics})
     except FeddmmrError as exc:
         write_json(status, {"ok": False, "error": str(exc)})
@@ -347,9 +563,10 @@ def _bin(name: str) -> str:
 
 
 @contextlib.contextmanager
-def local_federation(nodes: int, data_dir: Path, work: Path, project: Path) -> Iterator[str]:
-    """A SuperLink and ``nodes`` SuperNodes on 127.0.0.1 (SuperNode p holds partition p of ``data_dir``),
-    stopped on exit; yields the SuperLink's control API address."""
+def local_federation(nodes: int, data_dir: Path, work: Path, project: Path, features_dir: Path,
+                     state_dir: Path) -> Iterator[str]:
+    """A SuperLink and ``nodes`` SuperNodes on 127.0.0.1 (SuperNode p holds partition p of ``data_dir``, and
+    its users' memories in ``state_dir``/node-p), stopped on exit; yields the SuperLink's control API address."""
     serverappio, fleet, control, *appio = _free_ports(3 + nodes)
     procs = []
     try:
@@ -363,7 +580,8 @@ def local_federation(nodes: int, data_dir: Path, work: Path, project: Path) -> I
         _wait_port(control, procs[0], link_log)
         _wait_port(fleet, procs[0], link_log)
         for p in range(nodes):
-            node_config = f"data-dir='{data_dir}' partition-id={p} num-partitions={nodes}"
+            node_config = (f"data-dir='{data_dir}' partition-id={p} num-partitions={nodes} "
+                           f"features-dir='{features_dir}' state-dir='{state_dir / f'node-{p}'}'")
             procs.append(subprocess.Popen(
                 [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
                  "--clientappio-api-address", f"127.0.0.1:{appio[p]}", "--node-config", node_config],
@@ -396,9 +614,6 @@ def train_on_flower(stage: str, params: Params, params_path: str | None, overrid
                     out_dir: str, metrics_path: str, features_dir: str = "features", init_dir: str | None = None,
                     restart: bool = False) -> dict:
     """Train ``stage`` on a Flower federation (``params.federation``); returns its metrics as ``train_stage`` does."""
-    if stage not in ENGINE_STAGES:
-        raise FeddmmrError(f"the Flower engine trains {', '.join(ENGINE_STAGES)} so far; train {stage} with "
-                           "federation.engine=simulation (--engine simulation)")
     fed, project = params.federation, Path.cwd()
     job = {"stage": stage, "params": str(Path(params_path).resolve()) if params_path else None,
            "overrides": list(overrides) + ["federation.engine=flower"], "data": str(Path(data_dir).resolve()),
@@ -411,7 +626,9 @@ def train_on_flower(stage: str, params: Params, params_path: str | None, overrid
         run_config = work / "run-config.toml"
         run_config.write_text(f"project = {json.dumps(str(project))}\njob = {json.dumps(json.dumps(job))}\n"
                               f"status = {json.dumps(str(status))}\n")
-        with (local_federation(fed.nodes, Path(data_dir).resolve(), work, project) if not fed.superlink
+        nodes_dir = Path(out_dir).resolve().parent / NODES_DIR      # outlives the command: later stages continue it
+        with (local_federation(fed.nodes, Path(data_dir).resolve(), work, project, Path(features_dir).resolve(),
+                               nodes_dir) if not fed.superlink
               else contextlib.nullcontext(fed.superlink)) as address:
             app, home = write_app(work, address)
             proc = subprocess.run([_bin("flwr"), "run", str(app), "feddmmr", "--stream", "--run-config", str(run_config)],

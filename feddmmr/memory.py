@@ -22,6 +22,21 @@ import torch
 from .config import MemoryParams
 
 STATE_KEYS = ("st_ids", "st_pos", "lt_ids", "lt_pos", "lt_freq", "lt_time", "clock", "participations")
+POINTER_KEYS = ("remote_run", "remote_round", "remote_seen")   # a checkpoint whose memories stay on the clients
+
+
+def pointer_state(run: str, rnd: int, seen: bool) -> dict[str, torch.Tensor]:
+    """What a stage trained on a federation saves for its memories: which snapshot the clients keep (the
+    run's round ``rnd``), and whether any client has a memory."""
+    return {"remote_run": torch.tensor(list(run.encode()), dtype=torch.uint8),
+            "remote_round": torch.tensor([rnd], dtype=torch.int64), "remote_seen": torch.tensor([int(seen)])}
+
+
+def read_pointer(state: dict[str, torch.Tensor]) -> tuple[str, int, bool] | None:
+    """(run, round, seen) of a pointer state; None for the state of a ``MemoryBank``."""
+    if "remote_run" not in state:
+        return None
+    return bytes(state["remote_run"].tolist()).decode(), int(state["remote_round"][0]), bool(state["remote_seen"][0])
 
 
 class MemoryBank:
@@ -127,6 +142,9 @@ class MemoryBank:
         return {k: torch.from_numpy(getattr(self, k).copy()) for k in STATE_KEYS}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if read_pointer(state) is not None:
+            raise ValueError("the client memories of this checkpoint stay on the SuperNodes of the Flower federation "
+                             "that trained it (federation.engine=flower); only that federation can continue them")
         for k in STATE_KEYS:
             cur = getattr(self, k)
             if k not in state or tuple(state[k].shape[:1]) != cur.shape[:1]:

@@ -44,7 +44,7 @@ from .data import Prepared, load_prepared
 from .errors import DivergedError, FeddmmrError, TrackingIncomplete
 from .features import ModalityFeatures, item_titles, load_modalities
 from .io import atomic_dir, exclusive, file_sha256, load_tensors, nonfinite, read_json, save_tensors, write_json
-from .memory import MemoryBank, combined_features
+from .memory import MemoryBank, combined_features, read_pointer
 from .metrics import Evaluator, pick
 from .model import GROUPS, FedDMMR, FedDMMRConfig, group_of
 from .model.loss import FULL_LOSS_STAGES, LOSSES
@@ -240,7 +240,10 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
     Every round is saved for resume (``feddmmr.resume``); a killed stage continues from its last completed
     round when run again with the same inputs, unless ``restart``.
     ``rounds``: the round executor, ``(model, clients, pool, rnd, tp, trainable, memory) -> RoundResult``
-    (default: this machine's, ``workers.round_executor``); ``feddmmr.flower`` passes a federation's.
+    (default: this machine's, ``workers.round_executor``); ``feddmmr.flower`` passes a federation's. An
+    executor whose clients keep their memories themselves also provides ``memory_bank(num_users,
+    memory_params, feature_sha, modalities, key)`` (what stands for the memories here), ``warm_memories(model,
+    pool, memory, tp)`` and ``evaluator(data, ks, batch_size)`` (whose ranks come from the clients).
     """
     if stage not in STAGE_SPECS:
         raise FeddmmrError(f"unknown stage {stage!r}; available: {', '.join(STAGES)}")
@@ -265,7 +268,8 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
                            state.tracking_run, state.tracked_round)
         state.tracking_run, state.tracked_round = tracker.run_id, tracker.tracked_round
         try:
-            setup = _initialise(stage, spec, params, tp, data, data_dir, feats, init_dir, saved)
+            setup = _initialise(stage, spec, params, tp, data, data_dir, feats, init_dir, saved, rounds,
+                                resume.fingerprint)
             state = _fit(setup, state, saved[1] if saved else None, resume, tracker, progress, rounds)
             export = _model_export(params, spec, data, data_dir, features_dir)
             return _write(setup, state, resume, tracker, out_dir, metrics_path, init_dir, export)
@@ -333,8 +337,9 @@ def _rounds_csv(history: dict) -> str:
 
 
 def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, data: Prepared, data_dir,
-                feats: dict | None, init_dir: Path | None, saved) -> Setup:
-    """Build the model, load the previous stage, set up the client memories; on resume, restore the saved round."""
+                feats: dict | None, init_dir: Path | None, saved, rounds=None, key: str = "") -> Setup:
+    """Build the model, load the previous stage, set up the client memories; on resume, restore the saved round.
+    ``rounds``, ``key``: the round executor and the run's fingerprint (see ``train_stage``)."""
     torch.manual_seed(tp.seed)
     device = resolve_device(tp.device, stage)
     model = build_model(params, data, {m: f.dim for m, f in feats.items()} if feats else None)
@@ -346,7 +351,9 @@ def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, da
     memory = None
     if spec.multimodal:
         model.set_features(stage_features(feats, tp))
-        memory = build_memory(params, data, feats, tp)
+        remote = getattr(rounds, "memory_bank", None)
+        memory = (build_memory(params, data, feats, tp) if remote is None else
+                  remote(data.num_users, stage_memory(params.memory, tp), feature_sha, list(tp.modalities), key))
         if saved is None:      # on resume the saved round's memories replace them
             _continue_memories(stage, memory, init_dir)
     server = SERVER_OPTIMIZERS[tp.server_optimizer](tp.server_lr, tp.server_momentum)
@@ -356,26 +363,30 @@ def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, da
     pool = ClientPool(data)
     if memory is not None and params.memory.warmup and not memory.participations.any():
         t0 = time.perf_counter()
-        writes = warm_memories(model, pool, memory, tp)
+        writes = getattr(rounds, "warm_memories", warm_memories)(model, pool, memory, tp)
         log.info("%s: filled %d client memories in %.1fs (%d long-term writes)", stage, data.num_users,
                  time.perf_counter() - t0, writes)
     config = _checkpoint_config(stage, spec, params, tp, data, data_dir, model, report, feature_sha)
     trainable = {k for k, _ in model.named_parameters() if group_of(k) not in tp.freeze}
-    return Setup(stage, spec, tp, data, model, memory, pool, Evaluator(data, params.evaluation.ks,
-                 params.evaluation.batch_size), server, trainable, report, config, ThreadPool(params.runtime.threads))
+    evaluator = getattr(rounds, "evaluator", Evaluator)(data, params.evaluation.ks, params.evaluation.batch_size)
+    return Setup(stage, spec, tp, data, model, memory, pool, evaluator, server, trainable, report, config,
+                 ThreadPool(params.runtime.threads))
 
 
 def _continue_memories(stage: str, memory: MemoryBank, init_dir: Path | None) -> None:
     mem_file = Path(init_dir) / "memory.safetensors" if init_dir is not None else None
     if mem_file is None or not mem_file.is_file():
         return
+    state = load_tensors(mem_file, "client memory of the previous stage", FIX)
     try:
-        memory.load_state_dict(load_tensors(mem_file, "client memory of the previous stage", FIX))
+        memory.load_state_dict(state)
     except ValueError as exc:
-        raise FeddmmrError(f"{mem_file}: {exc}; keep the memory params of the previous stage or "
-                           f"re-run it (`dvc repro`)") from None
-    log.info("%s: continuing the client memories of %s (%d clients)", stage, init_dir,
-             int((memory.participations > 0).sum()))
+        fix = (f"train {stage} with --engine flower too, or the previous stage with --engine simulation"
+               if read_pointer(state) else "keep the memory params of the previous stage or re-run it (`dvc repro`)")
+        raise FeddmmrError(f"{mem_file}: {exc}; {fix}") from None
+    where = (f"{int((memory.participations > 0).sum())} clients" if isinstance(memory, MemoryBank)
+             else "kept by the clients")
+    log.info("%s: continuing the client memories of %s (%s)", stage, init_dir, where)
 
 
 def _restore(model: FedDMMR, memory: MemoryBank | None, server: ServerOptimizer, state: Progress, parts: dict,
@@ -595,5 +606,8 @@ def load_checkpoint(ckpt_dir: str | Path, data: Prepared | None = None,
                                f"{features_dir}; pass --features with the stage's features or re-run it (`dvc repro`)")
         model.set_features(stage_features(feats, used=config["train"].get("modalities", NAMES)))
         memory = MemoryBank(config["num_users"], MemoryParams(**config["memory"]))
-        memory.load_state_dict(load_tensors(ckpt_dir / "memory.safetensors", "client memory", FIX))
+        try:
+            memory.load_state_dict(load_tensors(ckpt_dir / "memory.safetensors", "client memory", FIX))
+        except ValueError as exc:
+            raise FeddmmrError(f"{ckpt_dir / 'memory.safetensors'}: {exc}") from None
     return model, config, memory
