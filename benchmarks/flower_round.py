@@ -55,7 +55,8 @@ def start_checkpoint(root: Path) -> None:
     """What stages 2-3 start from: item features of the demo data and a stage-1 checkpoint (the simulator)."""
     for modality in ("text", "visual"):
         feddmmr(root, "features", modality)
-    feddmmr(root, "train", "-S", "pretrain_sasrec.rounds=2", "-S", "tracking.enabled=false")
+    feddmmr(root, "train", "-S", "pretrain_sasrec.rounds=2", "-S", "tracking.enabled=false", "--out", "ck/pretrain_sasrec",
+            "--metrics", "m/pretrain_sasrec.json")
 
 
 def main() -> None:
