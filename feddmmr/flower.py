@@ -61,7 +61,7 @@ from .io import read_json, write_json
 from .memory import STATE_KEYS, MemoryBank, combined_features
 from .metrics import Evaluator
 from .model import FedDMMR, FedDMMRConfig
-from .remote_memory import NodeMemories, RemoteMemory, run_name, summary_of, summary_parts
+from .remote_memory import NodeMemories, RemoteMemory, keep_only, run_name, summary_of, summary_parts
 from .server import FedAvg, PartialSum
 
 log = logging.getLogger("feddmmr")
@@ -169,12 +169,12 @@ class _Node:
             model.set_features(self.features)
         return model
 
-    def bank(self, rnd: int | None = None) -> MemoryBank:
-        """The snapshot after round ``rnd`` of this job's run (None: empty memories)."""
+    def bank(self, rnd: int | None = None, run: str | None = None) -> MemoryBank:
+        """The snapshot after round ``rnd`` of ``run`` (default: this job's run; ``rnd`` None: empty memories)."""
         comb = combined_features(self.features)
         if rnd is None:
             return self.memories.empty(self.params, comb)
-        return self.memories.load(self.memory_job["run"], rnd, self.params, comb)
+        return self.memories.load(run or self.memory_job["run"], rnd, self.params, comb)
 
 
 def node_memory_dirs(node_config: dict) -> tuple[Path, Path]:
@@ -229,11 +229,9 @@ def start_memories(msg: Message, context: Context) -> Message:
     job = _job(msg)
     node = _Node(context, job)
     start = job["start"]
-    bank = node.bank(None)
+    bank = node.bank(start[1], run=start[0]) if isinstance(start, list) else node.bank()
     if start == "rows":
         node.memories.put_rows(bank, msg.content["rows"].to_torch_state_dict())
-    elif start is not None:
-        bank = node.memories.load(start[0], start[1], node.params, combined_features(node.features))
     writes = 0
     if job["warm"]:
         tp = MultimodalTrainParams(**job["train"])
@@ -247,8 +245,7 @@ def start_memories(msg: Message, context: Context) -> Message:
 def finish_memories(msg: Message, context: Context) -> Message:
     """A finished stage run: only the snapshot its checkpoint names is kept."""
     job = _job(msg)
-    node = _Node(context, job)
-    node.memories.keep_only(job["memory"]["run"], job["round"])
+    keep_only(node_memory_dirs(context.node_config)[1], job["run"], job["round"])
     return Message(RecordDict({"stats": MetricRecord({"kept": job["round"]})}), reply_to=msg)
 
 
@@ -344,9 +341,8 @@ class FlowerRounds:
                "start": None if start is None else "rows" if start[0] == "bank" else list(start[1:])}
         rows = None
         if start is not None and start[0] == "bank":      # a simulator's checkpoint: each node gets its users' rows
-            users = [torch.arange(p, memory.num_users, len(self.nodes)) for p in range(len(self.nodes))]
-            rows = [ArrayRecord({k: torch.from_numpy(getattr(start[1], k)[u.numpy()].copy()) for k in STATE_KEYS})
-                    for u in users]
+            users = [np.arange(p, memory.num_users, len(self.nodes)) for p in range(len(self.nodes))]
+            rows = [ArrayRecord({k: torch.from_numpy(getattr(start[1], k)[u]) for k in STATE_KEYS}) for u in users]
         replies = self._broadcast("train.start", job, model, rows, "starting the client memories")
         memory.round = 0
         memory.seen = memory.seen or any(int(r.content["stats"]["seen"]) for r in replies)
@@ -379,7 +375,7 @@ class FlowerRounds:
     def finish(self) -> None:
         """After the stage: the nodes keep only the snapshot its checkpoint names (the best round's)."""
         if self.memory is not None and self.memory.round is not None:
-            self._broadcast("train.finish", {"memory": self.memory.job(), "round": self.memory.round}, None, None,
+            self._broadcast("train.finish", {"run": self.memory.run, "round": self.memory.round}, None, None,
                             "finishing the client memories")
 
     # ------------------------------------------------------------------ messages

@@ -99,9 +99,7 @@ class NodeMemories:
         self.folder, self.users, self.num_users = Path(folder), users, num_users
 
     def path(self, run: str, rnd: int) -> Path:
-        if not run.replace("-", "").isalnum():
-            raise FeddmmrError(f"bad memory run name {run!r}")
-        return self.folder / run / f"round-{rnd}.safetensors"
+        return snapshot_path(self.folder, run, rnd)
 
     def empty(self, params: MemoryParams, comb: torch.Tensor | None) -> MemoryBank:
         return MemoryBank(self.num_users, params, comb)
@@ -133,9 +131,17 @@ class NodeMemories:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_tensors(path, {"users": torch.from_numpy(self.users), **self.rows(bank)})
 
-    def keep_only(self, run: str, rnd: int) -> None:
-        """Drop every snapshot of ``run`` but round ``rnd`` (the one its checkpoint names)."""
-        keep = self.path(run, rnd)
-        for f in (self.folder / run).glob("round-*.safetensors"):
-            if f != keep:
-                f.unlink()
+
+
+def snapshot_path(folder: str | Path, run: str, rnd: int) -> Path:
+    if not run.replace("-", "").isalnum():
+        raise FeddmmrError(f"bad memory run name {run!r}")
+    return Path(folder) / run / f"round-{rnd}.safetensors"
+
+
+def keep_only(folder: str | Path, run: str, rnd: int) -> None:
+    """Drop every snapshot of ``run`` in a node's ``folder`` but round ``rnd`` (the one its checkpoint names)."""
+    keep = snapshot_path(folder, run, rnd)
+    for f in keep.parent.glob("round-*.safetensors"):
+        if f != keep:
+            f.unlink()

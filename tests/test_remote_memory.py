@@ -8,7 +8,7 @@ import torch
 from feddmmr.config import MemoryParams
 from feddmmr.errors import FeddmmrError
 from feddmmr.memory import MemoryBank, read_pointer
-from feddmmr.remote_memory import NodeMemories, RemoteMemory, run_name, summary_of, summary_parts
+from feddmmr.remote_memory import NodeMemories, RemoteMemory, keep_only, run_name, summary_of, summary_parts
 
 PARAMS = MemoryParams(st_capacity=3, lt_capacity=4, retrieve_lt=2, surprise_threshold=0.3)
 
@@ -32,7 +32,7 @@ def test_a_node_saves_and_loads_only_its_users_and_keeps_the_named_round(tmp_pat
         got = back.state_dict()[k]
         assert torch.equal(got[node.users], v[node.users]), k
         assert not got[[0, 2, 3]].any() or k in ("st_pos", "lt_pos")      # other nodes' users stay empty
-    node.keep_only("abc-01", 3)
+    keep_only(tmp_path, "abc-01", 3)
     assert [p.name for p in (tmp_path / "abc-01").iterdir()] == ["round-3.safetensors"]
     with pytest.raises(FeddmmrError, match="holds no memories of run abc-01 round 2"):
         node.load("abc-01", 2, PARAMS, None)
