@@ -12,7 +12,9 @@ original item ids, oldest first: new users). Params: ``k`` (default 10), ``inclu
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import tempfile
 from pathlib import Path
 
@@ -93,6 +95,24 @@ def requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("torch", "numpy", "pandas", "safetensors", "mlflow")]
 
 
+@contextlib.contextmanager
+def _fluent_store(uri: str):
+    """Point MLflow's fluent API (log_model, register_model, load_model) at ``uri`` for the block only.
+
+    MLflow keeps the URI in a process global and in ``MLFLOW_TRACKING_URI``; left set, they would send every later
+    MLflow call of the process (a Python user's, the next stage's) to this store.
+    """
+    from mlflow.tracking._tracking_service import utils
+    old_global, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_global)
+        if old_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
 def log_stage_model(uri: str, client, exp_id: str, run_id: str, stage: str, checkpoint: Path, data: Path,
                     features: Path | None, titles: dict[int, str], example_user: int) -> str:
     """Log the stage's model with its MLflow run and register it as a version of ``feddmmr``; its version.
@@ -102,8 +122,7 @@ def log_stage_model(uri: str, client, exp_id: str, run_id: str, stage: str, chec
     done = client.search_model_versions(f"name='{REGISTERED_MODEL}' and run_id='{run_id}'")
     if done:
         return done[0].version
-    mlflow.set_tracking_uri(uri)
-    with tempfile.TemporaryDirectory() as tmp:
+    with _fluent_store(uri), tempfile.TemporaryDirectory() as tmp:
         write_titles(Path(tmp) / "titles.csv", titles)
         artifacts = {"checkpoint": str(checkpoint), "data": str(data), "titles": str(Path(tmp) / "titles.csv"),
                      **({"features": str(features)} if features is not None else {})}
@@ -112,7 +131,7 @@ def log_stage_model(uri: str, client, exp_id: str, run_id: str, stage: str, chec
             name=stage, python_model=str(Path(__file__).with_name("mlflow_model.py")), artifacts=artifacts,
             code_paths=[str(Path(__file__).parent)], signature=signature(), pip_requirements=requirements(),
             input_example=(pd.DataFrame({"user": [example_user]}), {"k": 10}), model_id=logged.model_id)
-    version = mlflow.register_model(info.model_uri, REGISTERED_MODEL, tags={"stage": stage})
+        version = mlflow.register_model(info.model_uri, REGISTERED_MODEL, tags={"stage": stage})
     return version.version
 
 
@@ -137,9 +156,9 @@ class LoadedModel:
     def __init__(self, uri: str):
         from mlflow.exceptions import MlflowException
         store = tracking_uri()
-        mlflow.set_tracking_uri(store)
         try:
-            self.pyfunc = mlflow.pyfunc.load_model(uri)
+            with _fluent_store(store):
+                self.pyfunc = mlflow.pyfunc.load_model(uri)
         except MlflowException as exc:
             raise FeddmmrError(f"MLflow model {uri} cannot be loaded from {store} ({_message(exc)}); "
                                f"see the registered versions in the MLflow UI, or train a stage with "

@@ -25,7 +25,8 @@ def _reference_full_ranks(data) -> np.ndarray:
 
 
 def test_popularity_ranks_items_by_training_count(tiny_prepared, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     metrics = run_baseline("popularity", tiny_params(), tiny_prepared, tmp_path / "pop", tmp_path / "pop.json")
     data = load_prepared(tiny_prepared)
     ranks = load_tensors(tmp_path / "pop" / "test_ranks.safetensors", "ranks", "")
@@ -34,7 +35,8 @@ def test_popularity_ranks_items_by_training_count(tiny_prepared, tmp_path, monke
     assert json.loads((tmp_path / "pop.json").read_text()) == metrics
     want = float(np.mean(np.where(ranks["full"].numpy() <= 10, 1.0 / np.log2(ranks["full"].numpy() + 1.0), 0.0)))
     assert metrics["test"]["full"]["NDCG@10"] == pytest.approx(want)
-    run = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("feddmmr").experiment_id])[0]
+    client = mlflow.MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("feddmmr").experiment_id])[0]
     assert run.data.tags["feddmmr.stage"] == "popularity" and run.info.status == "FINISHED"
     assert run.data.metrics["test.full.NDCG_at_10"] == pytest.approx(want)
 

@@ -41,6 +41,7 @@ def trained(tiny_csv, tiny_prepared, tmp_path_factory):
                                   features_dir=feats) for s in STAGES}
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI") if old is None else os.environ.__setitem__("MLFLOW_TRACKING_URI", old)
+    assert mlflow.get_tracking_uri() != uri, "logging a model left MLflow's process-wide tracking URI on its store"
     return {"root": root, "features": feats, "uri": uri, "metrics": metrics, "csv": tiny_csv}
 
 
