@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .client import ClientPool, make_optimizer
+from .client import ClientPool, LocalOptimizer
 from .config import Params, TrainParams, resolve_device, validate
 from .data import Prepared, load_prepared
 from .errors import FeddmmrError
@@ -52,28 +52,12 @@ def _train_epoch(model, opt, pool: ClientPool, epoch: int, c, device) -> float:
     for x, y, pos, neg in _epoch_windows(pool, epoch, c, gen):
         loss, _ = batch_loss(model, params, x.to(device), y.to(device), pos.to(device), neg.to(device),
                              empty, empty, c)
-        opt.zero_grad()
         loss.backward()
         opt.step()
         total, n = total + loss.item(), n + 1
     if not np.isfinite(total):
         raise FeddmmrError(f"{STAGE}: the training loss of epoch {epoch} is not finite; lower centralized.lr")
     return total / max(n, 1)
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, state in opt.state_dict()["state"].items():
-        out.update({f"{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in state.items()})
-    return out
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
-    state: dict[int, dict] = {}
-    for key, v in flat.items():
-        i, _, name = key.partition(".")
-        state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
 def _fit(model, opt, pool, evaluator, c, state: Progress, resume: ResumeState, tracker, best, device, progress):
@@ -94,7 +78,7 @@ def _fit(model, opt, pool, evaluator, c, state: Progress, resume: ResumeState, t
         state.stopped = epoch - state.improved_round >= c.patience or epoch == c.epochs
         tracker.sync(lambda i: _record(state.history, i), epoch)
         state.tracked_round = tracker.tracked_round
-        resume.save(state, {"model": model.state_dict(), "best": best, "optimizer": _optimizer_tensors(opt),
+        resume.save(state, {"model": model.state_dict(), "best": best, "optimizer": opt.state_tensors(),
                             "rng": rng_state()})
         bar.set_postfix(loss=f"{loss:.3f}", best=state.best_round)
         if state.stopped:
@@ -144,7 +128,7 @@ def train_centralized(params: Params, data_dir: str | Path, out_dir: str | Path,
         saved = resume.load()
         torch.manual_seed(c.seed)
         model = build_model(params, data).to(device)
-        opt = make_optimizer(list(model.parameters()), TrainParams(optimizer=c.optimizer, lr=c.lr))
+        opt = LocalOptimizer(list(model.parameters()), TrainParams(optimizer=c.optimizer, lr=c.lr))
         evaluator, pool = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size), ClientPool(data)
         if saved is None:
             state = Progress(history={"train_loss": [None], "val": [evaluator.evaluate(model, "val")]})
@@ -152,7 +136,7 @@ def train_centralized(params: Params, data_dir: str | Path, out_dir: str | Path,
         else:
             state, parts = saved
             model.load_state_dict(parts["model"])
-            _load_optimizer(opt, parts.get("optimizer", {}))
+            opt.load_state_tensors(parts.get("optimizer", {}))
             set_rng_state(parts["rng"])
             best = parts["best"]
         tracker = StageRun(STAGE, flatten(sections), data.meta, params.tracking.enabled, out_dir,

@@ -161,18 +161,52 @@ def _step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, v: torch.Te
         p.sub_(g, alpha=tp.lr)
         return
     b1, b2 = ADAM_BETAS
-    m.mul_(b1).add_(g, alpha=1 - b1)
+    m.lerp_(g, 1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     denom = torch.sqrt(v, out=denom) if denom is not None else v.sqrt()
     denom.div_((1 - b2 ** t) ** 0.5).add_(ADAM_EPS)
     p.addcdiv_(m, denom, value=-tp.lr / (1 - b1 ** t))
 
 
-def make_optimizer(tensors: list[torch.Tensor], tp: TrainParams) -> torch.optim.Optimizer:
-    if tp.optimizer == "sgd":
-        return torch.optim.SGD(tensors, lr=tp.lr, weight_decay=tp.weight_decay, foreach=False)
-    return torch.optim.Adam(tensors, lr=tp.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=tp.weight_decay,
-                            foreach=False)
+class LocalOptimizer:
+    """A client's Adam or SGD over its local tensors: ``_step_``, which is torch.optim's single-tensor Adam / SGD
+    bit for bit (tested), without a torch.optim optimizer, whose first construction in a process imports
+    torch._dynamo (about 4 s in every training process and every worker on a small CPU)."""
+
+    def __init__(self, tensors: list[torch.Tensor], tp: TrainParams):
+        self.tensors, self.tp = tensors, tp
+        adam = tp.optimizer != "sgd"
+        self.state = [[0, torch.zeros_like(p) if adam else None, torch.zeros_like(p) if adam else None]
+                      for p in tensors]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One step of every tensor with a gradient (the others keep their step count, as in torch.optim);
+        the gradients are dropped."""
+        for p, state in zip(self.tensors, self.state):
+            if p.grad is None:
+                continue
+            state[0] += 1
+            _step_(p, p.grad, state[1], state[2], state[0], self.tp)
+            p.grad = None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The state as flat tensors for a resume file: ``<i>.step`` and, for Adam, ``<i>.exp_avg`` and
+        ``<i>.exp_avg_sq`` of every tensor that has taken a step."""
+        out = {}
+        for i, (t, m, v) in enumerate(self.state):
+            if t:
+                out[f"{i}.step"] = torch.tensor(float(t))
+                out.update({} if m is None else {f"{i}.exp_avg": m, f"{i}.exp_avg_sq": v})
+        return out
+
+    def load_state_tensors(self, flat: dict[str, torch.Tensor]) -> None:
+        for i, state in enumerate(self.state):
+            if f"{i}.step" in flat:
+                state[0] = int(flat[f"{i}.step"])
+                if state[1] is not None:
+                    state[1].copy_(flat[f"{i}.exp_avg"])
+                    state[2].copy_(flat[f"{i}.exp_avg_sq"])
 
 
 def _pad_stack(tensors: list[torch.Tensor], rows: int) -> torch.Tensor:
@@ -266,19 +300,18 @@ def dropout_seed(seed: int, rnd: int, u: int) -> int:
 
 def _train_client(model: nn.Module, global_params: dict[str, torch.Tensor], names: list[str], c: _Client,
                   rnd: int, tp: TrainParams, obs: _Observations) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """One client's local epochs with torch.optim; returns its trained tensors and per-step losses."""
+    """One client's local epochs; returns its trained tensors and per-step losses."""
     device = next(iter(global_params.values())).device
     rows = None if c.rows is None else c.rows.to(device)
     fixed = {**global_params, **({} if rows is None else local_tables(model, global_params, rows))}
     local = {k: fixed[k].clone().requires_grad_(True) for k in names}
-    opt = make_optimizer([local[k] for k in names], tp)
+    opt = LocalOptimizer([local[k] for k in names], tp)
     mem_ids, mem_pos = c.local_mem.to(device), c.mem_pos.to(device)
     losses = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         gen = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
         gen.manual_seed(dropout_seed(tp.seed, rnd, c.u))                # the generator dropout draws from
         for b, orig in zip(c.batches, c.plan):
-            opt.zero_grad()
             loss, surprise = batch_loss(model, {**fixed, **local}, b.x.to(device), b.y.to(device), b.pos.to(device),
                                         b.neg.to(device), mem_ids, mem_pos, tp)
             loss.backward()

@@ -41,6 +41,32 @@ def test_vectorized_equals_sequential_reference(setup, epochs, optimizer, traina
     assert moved >= (len(trainable) if trainable else 10)
 
 
+@pytest.mark.parametrize("optimizer, weight_decay", [("adam", 0.0), ("adam", 1e-2), ("sgd", 0.0), ("sgd", 1e-2)])
+def test_the_clients_optimizer_is_torch_optims_bit_for_bit(optimizer, weight_decay):
+    from feddmmr.client import ADAM_BETAS, ADAM_EPS, LocalOptimizer
+    from feddmmr.config import TrainParams
+    tp = TrainParams(optimizer=optimizer, lr=0.05, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.randn(5, 3, generator=g).requires_grad_(True), torch.randn(4, generator=g).requires_grad_(True)]
+    ref = [t.detach().clone().requires_grad_(True) for t in ours]
+    opt = LocalOptimizer(ours, tp)
+    ref_opt = torch.optim.SGD(ref, lr=tp.lr, weight_decay=weight_decay, foreach=False) if optimizer == "sgd" else \
+        torch.optim.Adam(ref, lr=tp.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay, foreach=False)
+    for step in range(5):
+        x = torch.randn(3, generator=g)
+        for params, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad() if o is ref_opt else None
+            loss = (params[0] @ x).square().sum() + (0 if step == 2 else params[1].exp().sum())  # step 2: no grad
+            loss.backward()
+            o.step()
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b), f"step {step}: max |diff| {(a - b).abs().max():.3g}"
+        if step == 3:       # resumed from its saved state, it goes on as if never stopped
+            saved = {k: v.clone() for k, v in opt.state_tensors().items()}
+            opt = LocalOptimizer(ours, tp)
+            opt.load_state_tensors(saved)
+
+
 def test_fedavg_weights_clients_by_their_training_targets(setup):
     data, pool = setup
     params = tiny_params()
