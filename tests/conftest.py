@@ -63,6 +63,9 @@ def write_tiny_project(root: Path, top_k_users: int = 40, eval_negatives: int = 
         params[stage].update(rounds=2, client_fraction=0.5, num_negatives=4)
     params["centralized"].update(epochs=2, num_negatives=4)
     params["memory"].update(st_capacity=3, lt_capacity=8, retrieve_lt=4)
+    # MLflow's model logging checks every installed package against the model's requirements (about 4 s a stage);
+    # test_recommend and test_tracking cover it
+    params["tracking"]["log_models"] = False
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
