@@ -17,6 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDDMMR_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+# The longest files first: `make test` hands whole files to its workers in this order (pytest-xdist --dist loadfile
+# --no-loadscope-reorder), so that no long file is left to run alone at the end while the other workers idle.
+LONGEST_FIRST = ("test_sweeps.py", "test_prefect_e2e.py", "test_docker.py", "test_flower.py", "test_flows.py",
+                 "test_faults.py", "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def shared(path: str) -> Path:
     """A file under ../shared/data, or skip the test saying what is missing."""
     p = SHARED_DATA / path
