@@ -169,9 +169,9 @@ def _step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, v: torch.Te
 
 
 class LocalOptimizer:
-    """A client's Adam or SGD over its local tensors: ``_step_``, which is torch.optim's single-tensor Adam / SGD
-    bit for bit (tested), without a torch.optim optimizer, whose first construction in a process imports
-    torch._dynamo (about 4 s in every training process and every worker on a small CPU)."""
+    """Adam or SGD over a client's local tensors (or the centralized model's): ``_step_``, which is torch.optim's
+    single-tensor Adam / SGD bit for bit (tested), without a torch.optim optimizer, whose first construction in a
+    process imports torch._dynamo (about 4 s in every training process and every worker on a small CPU)."""
 
     def __init__(self, tensors: list[torch.Tensor], tp: TrainParams):
         self.tensors, self.tp = tensors, tp
