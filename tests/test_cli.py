@@ -115,7 +115,9 @@ def test_three_stage_chain_through_the_cli(tmp_path, tiny_prepared):
 def test_flower_engine_without_flower_names_the_extra(tmp_path, tiny_prepared, monkeypatch, capsys):
     """Without the flower extra, --engine flower fails in one line naming the install command."""
     from feddmmr.cli import main
-    monkeypatch.setitem(sys.modules, "flwr", None)            # as if flwr were not installed
+    hidden = {name for name in sys.modules if name.split(".")[0] == "flwr"} | {"flwr"}
+    for name in hidden:                 # as if flwr were not installed, even after another test imported it
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "feddmmr.flower", raising=False)
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--engine", "flower", "--data", str(tiny_prepared)]) == 2
