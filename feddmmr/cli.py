@@ -247,6 +247,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     params = load_params(args.params, args.overrides)      # bad overrides fail here, in one line
     if args.command in ("ablate", "sweep"):
+        if not params.tracking.enabled:
+            raise FeddmmrError(f"feddmmr {args.command} summarises the MLflow runs of its experiments, and "
+                               "tracking.enabled is false: set it to true in params.yaml (or -S tracking.enabled=true)")
         return _experiments(args)
     if args.command == "prepare":
         from .data import prepare

@@ -3,7 +3,9 @@
 ``feddmmr sweep --seeds 42 43 44`` runs ``dvc exp run --temp -n seeds-<seed>-<tag>`` once per seed with
 every training stage's seed set to it (the split and the evaluation negatives stay those of
 ``prepare.seed``, so every seed is tested on the same users and items). Each seed is its own DVC
-experiment (``dvc exp show``) and its own MLflow pipeline run of the same name (``feddmmr compare --run``).
+experiment (``dvc exp show``) and its own MLflow pipeline run of the same name (``feddmmr compare --run``);
+a seed whose training stages DVC would restore from its cache (the params of ``dvc.lock``, or of an earlier
+run) is trained again with ``--force``, so that its MLflow pipeline run holds every stage.
 ``<tag>`` hashes the commit, params.yaml and the overrides: a seed already finished under the same tag is
 not run again, so a stopped sweep continues where it stopped, and changed code or parameters start new
 experiments. The summary gives, per stage and the popularity floor, each test metric's mean with its 95%
@@ -57,12 +59,15 @@ def _finished(name: str, stages: tuple[str, ...] = SEEDED) -> bool:
     return all(s in runs and runs[s].info.status == "FINISHED" for s in stages)
 
 
-def _dvc_exp_run(project: Path, name: str, overrides: list[str], stage: str | None = None) -> None:
-    """``dvc exp run --temp -n name`` (``stage``: that stage alone, retrained), recorded as MLflow pipeline run name."""
+def _dvc_exp_run(project: Path, name: str, overrides: list[str], stage: str | None = None,
+                 force: bool = False) -> None:
+    """``dvc exp run --temp -n name`` (``stage``: that stage alone, retrained; ``force``: every stage retrained),
+    recorded as MLflow pipeline run name."""
     dvc = Path(sys.executable).parent / "dvc"
     dvc = str(dvc) if dvc.exists() else "dvc"
     subprocess.run([dvc, "exp", "remove", name], cwd=project, capture_output=True)   # an unfinished attempt's
-    cmd = [dvc, "exp", "run", "--temp", "-n", name] + (["--force", "--single-item", stage] if stage else [])
+    cmd = [dvc, "exp", "run", "--temp", "-n", name] + (["--force", "--single-item", stage] if stage else
+                                                        ["--force"] if force else [])
     cmd += [arg for o in overrides for arg in ("-S", o)]
     proc = subprocess.run(cmd, cwd=project, env={**os.environ, "FEDDMMR_PIPELINE_RUN": name},
                           capture_output=True, text=True)
@@ -87,9 +92,28 @@ def run_seeds(project: str | Path, seeds: list[int], overrides: list[str],
             say(f"seed {seed}: experiment {name} already finished")
         else:
             say(f"seed {seed}: running experiment {name} (dvc exp run --temp)")
-            _dvc_exp_run(project, name, overrides + [f"{s}.seed={seed}" for s in SEEDED])
+            _run_seed(project, seed, name, overrides + [f"{s}.seed={seed}" for s in SEEDED], say)
         names.append(name)
     return names
+
+
+def _run_seed(project: Path, seed: int, name: str, overrides: list[str], say: Callable[[str], None]) -> None:
+    """One seed's experiment, whose training stages must be recorded under its name.
+
+    DVC does not rerun a stage whose command, dependencies and params it has seen before (dvc.lock, the
+    run-cache): it restores the outputs, and the MLflow record of that training stays with the pipeline run
+    that trained it. A seed whose stages came back that way is trained again with ``--force``.
+    """
+    _dvc_exp_run(project, name, overrides)
+    if _finished(name):
+        return
+    say(f"seed {seed}: DVC restored stages trained before under another pipeline run; training them again "
+        f"under {name} (dvc exp run --temp --force) so that the sweep records every seed")
+    _dvc_exp_run(project, name, overrides, force=True)
+    if not _finished(name):
+        raise FeddmmrError(f"experiment {name} ran but recorded no finished MLflow run of every stage of "
+                           f"{', '.join(SEEDED)}: the sweep summarises MLflow runs, so set tracking.enabled: true "
+                           "in params.yaml and run it again")
 
 
 def summarize(names: list[str], seeds: list[int], protocol: str = "full") -> str:

@@ -23,21 +23,32 @@ def sh(*cmd, cwd):
     return r.stdout
 
 
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A scratch project after `dvc repro`, its dvc.lock committed: what ablations start from, and a project
+    whose seed 42 (params.yaml's) DVC has seen before."""
+    project = git_dvc_project(tmp_path_factory.mktemp("sweeps") / "project")
+    sh("dvc", "repro", cwd=project)
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "dvc repro", cwd=project)
+    return project
+
+
 @pytest.mark.slow
-def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(tmp_path):
-    project = git_dvc_project(tmp_path / "project")
-    out = sh(BIN / "feddmmr", "sweep", "--seeds", "1", "2", "-S", "pretrain_sasrec.rounds=1", cwd=project)
-    assert "seed 1: running experiment seeds-1-" in out and "seed 2: running experiment seeds-2-" in out
+def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(project):
+    out = sh(BIN / "feddmmr", "sweep", "--seeds", "42", "1", cwd=project)
+    assert "seed 42: running experiment seeds-42-" in out and "seed 1: running experiment seeds-1-" in out
+    # seed 42's stages match dvc.lock: DVC would restore them, recorded under `dvc repro`'s pipeline run
+    assert "seed 42: DVC restored stages trained before" in out and "seed 1: DVC restored" not in out
     names = [line.split("experiment ")[1].split(" ")[0] for line in out.splitlines() if ": running experiment" in line]
 
     # DVC: an experiment per seed, every training stage's seed set, the user's checkout untouched
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=project))
     exps = {e["name"]: e for row in shown for e in (row.get("experiments") or []) for e in e["revs"]}
-    for seed, name in zip((1, 2), names):
+    for seed, name in zip((42, 1), names):
         params = exps[name]["data"]["params"]["params.yaml"]["data"]
         assert [params[s]["seed"] for s in ("pretrain_sasrec", "align_projectors", "finetune_moe", "centralized")] \
             == [seed] * 4
-        assert params["pretrain_sasrec"]["rounds"] == 1
     assert sh("git", "status", "--porcelain", cwd=project) == ""
 
     # MLflow: a pipeline run per seed; the table's mean and interval are those of the two runs
@@ -49,7 +60,7 @@ def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(tmp_path)
                                      "and tags.`feddmmr.kind` = 'pipeline'")
         stages = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         final = {r.data.tags["feddmmr.stage"]: r for r in stages}
-        assert {"pretrain_sasrec", "align_projectors", "finetune_moe"} <= set(final)    # popularity: seed 1 only
+        assert {"pretrain_sasrec", "align_projectors", "finetune_moe", "centralized"} <= set(final)
         values.append(final["finetune_moe"].data.metrics["test.full.NDCG_at_10"])
     mean, half = seed_interval(values)
     ndcg = next(line for line in out.splitlines() if line.startswith("NDCG@10")).split()
@@ -57,18 +68,15 @@ def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(tmp_path)
     assert sum(line.startswith("  seed ") for line in out.splitlines()) == 2 * 4   # 4 columns against the first
 
     # the same sweep again runs nothing
-    again = sh(BIN / "feddmmr", "sweep", "--seeds", "1", "2", "-S", "pretrain_sasrec.rounds=1", cwd=project)
+    again = sh(BIN / "feddmmr", "sweep", "--seeds", "42", "1", cwd=project)
     assert again.count("already finished") == 2 and "running" not in again
 
 
 @pytest.mark.slow
-def test_ablate_retrains_stage3_once_per_ablation_and_tests_each_against_the_full_model(tmp_path):
+def test_ablate_retrains_stage3_once_per_ablation_and_tests_each_against_the_full_model(project):
     from feddmmr.stats import paired_test
     from feddmmr.sweeps import ABLATIONS
     from feddmmr.tracking import test_ranks
-    project = git_dvc_project(tmp_path / "project")
-    sh("dvc", "repro", cwd=project)                                        # the earlier stages, cached
-    sh("git", "add", "dvc.lock", cwd=project)                              # what the experiments start from
     out = sh(BIN / "feddmmr", "ablate", cwd=project)
     names = {line.split(":")[0]: line.split("experiment ")[1].split(" ")[0]
              for line in out.splitlines() if ": running experiment" in line}
@@ -98,3 +106,11 @@ def test_ablate_retrains_stage3_once_per_ablation_and_tests_each_against_the_ful
 
     again = sh(BIN / "feddmmr", "ablate", cwd=project)
     assert again.count("already finished") == len(ABLATIONS) and "running" not in again
+
+
+@pytest.mark.parametrize("command", [["sweep", "--seeds", "1", "2"], ["ablate"]])
+def test_experiments_without_tracking_are_refused_before_running_any(tmp_path, command):
+    r = subprocess.run([str(BIN / "feddmmr"), *command, "-S", "tracking.enabled=false"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "tracking.enabled is false: set it to true" in r.stderr and not any(tmp_path.iterdir())
