@@ -40,7 +40,7 @@ def stage_runs(project):
     return client, client.search_runs([exp.experiment_id], filter_string="tags.`feddmmr.kind` = 'stage'")
 
 
-def test_a_flow_run_is_a_pushed_dvc_experiment_that_dvc_repro_reproduces(harness, project, monkeypatch):
+def test_a_flow_run_is_a_pushed_dvc_experiment_rerun_from_the_run_cache_and_reproduced_by_dvc_repro(harness, project, monkeypatch):
     from flows.pipeline import pipeline
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("FEDDMMR_PIPELINE_RUN", raising=False)
@@ -72,6 +72,11 @@ def test_a_flow_run_is_a_pushed_dvc_experiment_that_dvc_repro_reproduces(harness
     assert client.get_experiment_by_name("feddmmr").tags["mlflow.experimentKind"] == "custom_model_development"
     assert f"pipeline {name} " in sh(str(BIN / "feddmmr"), "compare", "--run", name, cwd=project)
 
+    # the same params again: a new experiment, every stage restored from the run-cache, nothing retrained
+    rerun = pipeline(overrides=["pretrain_sasrec.rounds=1"], project_dir=str(project))
+    assert rerun["ran"] == [] and rerun["metrics"] == result["metrics"] and rerun["experiment"] != name
+    assert len(stage_runs(project)[1]) == len(runs)
+
     # dvc exp apply + dvc repro (forced: really retrained) gives the same metrics
     sh("dvc", "exp", "apply", name, cwd=project)
     sh("dvc", "repro", "--force", "--single-item", "pretrain_sasrec", cwd=project)
@@ -79,18 +84,6 @@ def test_a_flow_run_is_a_pushed_dvc_experiment_that_dvc_repro_reproduces(harness
     assert (again["val"], again["test"]) == (result["metrics"]["pretrain_sasrec"]["val"],
                                              result["metrics"]["pretrain_sasrec"]["test"])
     sh("git", "checkout", "--", ".", cwd=project)
-
-
-def test_a_rerun_with_unchanged_params_retrains_nothing(harness, project, monkeypatch):
-    from flows.pipeline import pipeline
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    first = pipeline(overrides=["pretrain_sasrec.rounds=3"], project_dir=str(project))
-    _, before = stage_runs(project)
-    second = pipeline(overrides=["pretrain_sasrec.rounds=3"], project_dir=str(project))
-    _, after = stage_runs(project)
-    assert first["ran"] and second["ran"] == []                                # every stage from the run-cache
-    assert len(after) == len(before) and second["metrics"] == first["metrics"]
-    assert second["experiment"] != first["experiment"]
 
 
 def test_a_bad_override_fails_the_flow_without_touching_anything(harness, project):
