@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import FeddmmrError
-from .stats import paired_test, seed_interval
-from .tracking import metric_name, pipeline_runs, test_ranks
+
+# stats and tracking (torch, MLflow) are imported where they are used: the CLI reads ABLATIONS to build its
+# parser, and `feddmmr --help` or a bad parameter should answer without loading torch
 
 SEEDED = ("pretrain_sasrec", "align_projectors", "finetune_moe", "centralized")   # whose seed a sweep sets
 COLUMNS = SEEDED + ("popularity",)
@@ -52,6 +53,7 @@ def sweep_tag(project: Path, overrides: list[str]) -> str:
 
 
 def _finished(name: str, stages: tuple[str, ...] = SEEDED) -> bool:
+    from .tracking import pipeline_runs
     try:
         _, _, runs = pipeline_runs(name)
     except FeddmmrError:
@@ -118,6 +120,8 @@ def _run_seed(project: Path, seed: int, name: str, overrides: list[str], say: Ca
 
 def summarize(names: list[str], seeds: list[int], protocol: str = "full") -> str:
     """Mean and 95% interval over the seeds' experiments of each stage's test metrics; paired tests per seed."""
+    from .stats import paired_test, seed_interval
+    from .tracking import metric_name, pipeline_runs, test_ranks
     runs = {seed: pipeline_runs(name) for seed, name in zip(seeds, names)}
     floor = next((latest["popularity"] for _, _, latest in runs.values() if "popularity" in latest), None)
     for _, _, latest in runs.values():      # the floor does not depend on the seed: DVC restores it, no run
@@ -160,6 +164,8 @@ def run_ablations(project: str | Path, overrides: list[str], say: Callable[[str]
 
 def summarize_ablations(names: dict[str, str], protocol: str = "full") -> str:
     """Each ablation's test metrics and its paired test (NDCG@10, per user) against the full model."""
+    from .stats import paired_test
+    from .tracking import metric_name, pipeline_runs, test_ranks
     runs = {a: pipeline_runs(name) for a, name in names.items()}
     stage = {a: latest[ABLATED] for a, (_, _, latest) in runs.items()}
     ranks = {a: test_ranks(runs[a][0], run.info.run_id, protocol) for a, run in stage.items()}

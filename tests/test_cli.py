@@ -123,3 +123,12 @@ def test_flower_engine_without_flower_names_the_extra(tmp_path, tiny_prepared, m
     assert main(["train", "--engine", "flower", "--data", str(tiny_prepared)]) == 2
     assert capsys.readouterr().err.strip() == ("feddmmr: error: --engine flower needs Flower (flwr is not "
                                                "installed): pip install -e '.[flower]'")
+
+
+def test_help_and_parameter_errors_answer_without_loading_torch_or_mlflow():
+    """`feddmmr --help` and a bad -S override are answered by the parser and params.yaml alone."""
+    probe = ("import sys; from feddmmr.cli import main; code = main(['train', '-S', 'pretrain_sasrec.lr=-1']); "
+             "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'mlflow', 'numpy'}))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert r.stdout.split() == ["2", "[]"], r.stdout + r.stderr
+    assert "pretrain_sasrec.lr must be > 0" in r.stderr
