@@ -186,6 +186,9 @@ def _ablate_parser(sub) -> None:
                                    "dvc.lock tracked by git (the experiments start from the earlier stages' outputs "
                                    "in the DVC cache). Ablations finished for the same "
                                    f"commit, params.yaml and overrides are not run again. The ablations: {listing}.")
+    p.add_argument("ablations", nargs="*", metavar="ABLATION",
+                   help=f"the ablations to run, of {', '.join(ABLATIONS)} (default: all; full, the reference, "
+                        "always runs)")
     _add_params(p)
     _add_protocol(p)
 
@@ -309,7 +312,8 @@ def _experiments(args: argparse.Namespace) -> int:
     """Sets of DVC experiments in the project folder: the ablations of stage 3, or the pipeline over seeds."""
     from . import sweeps
     if args.command == "ablate":
-        print(sweeps.summarize_ablations(sweeps.run_ablations(".", args.overrides), args.protocol))
+        print(sweeps.summarize_ablations(sweeps.run_ablations(".", args.overrides, only=args.ablations),
+                                         args.protocol))
     else:
         names = sweeps.run_seeds(".", args.seeds, args.overrides)
         print(sweeps.summarize(names, args.seeds, args.protocol))

@@ -5,7 +5,8 @@ every training stage's seed set to it (the split and the evaluation negatives st
 ``prepare.seed``, so every seed is tested on the same users and items). Each seed is its own DVC
 experiment (``dvc exp show``) and its own MLflow pipeline run of the same name (``feddmmr compare --run``);
 a seed whose training stages DVC would restore from its cache (the params of ``dvc.lock``, or of an earlier
-run) is trained again with ``--force``, so that its MLflow pipeline run holds every stage.
+run) is trained again with ``--force``, so that its MLflow pipeline run holds every stage: its seeded stages
+alone (``--single-item``) when git tracks dvc.lock and ``dvc status`` is clean, else the whole pipeline.
 ``<tag>`` hashes the commit, params.yaml and the overrides: a seed already finished under the same tag is
 not run again, so a stopped sweep continues where it stopped, and changed code or parameters start new
 experiments. The summary gives, per stage and the popularity floor, each test metric's mean with its 95%
@@ -23,7 +24,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import FeddmmrError
 
@@ -61,14 +62,18 @@ def _finished(name: str, stages: tuple[str, ...] = SEEDED) -> bool:
     return all(s in runs and runs[s].info.status == "FINISHED" for s in stages)
 
 
-def _dvc_exp_run(project: Path, name: str, overrides: list[str], stage: str | None = None,
-                 force: bool = False) -> None:
-    """``dvc exp run --temp -n name`` (``stage``: that stage alone, retrained; ``force``: every stage retrained),
-    recorded as MLflow pipeline run name."""
+def _dvc() -> str:
     dvc = Path(sys.executable).parent / "dvc"
-    dvc = str(dvc) if dvc.exists() else "dvc"
+    return str(dvc) if dvc.exists() else "dvc"
+
+
+def _dvc_exp_run(project: Path, name: str, overrides: list[str], stages: list[str] | None = None,
+                 force: bool = False) -> None:
+    """``dvc exp run --temp -n name`` (``stages``: those alone, in order, retrained; ``force``: every stage
+    retrained), recorded as MLflow pipeline run name."""
+    dvc = _dvc()
     subprocess.run([dvc, "exp", "remove", name], cwd=project, capture_output=True)   # an unfinished attempt's
-    cmd = [dvc, "exp", "run", "--temp", "-n", name] + (["--force", "--single-item", stage] if stage else
+    cmd = [dvc, "exp", "run", "--temp", "-n", name] + (["--force", "--single-item", *stages] if stages else
                                                         ["--force"] if force else [])
     cmd += [arg for o in overrides for arg in ("-S", o)]
     proc = subprocess.run(cmd, cwd=project, env={**os.environ, "FEDDMMR_PIPELINE_RUN": name},
@@ -94,7 +99,7 @@ def run_seeds(project: str | Path, seeds: list[int], overrides: list[str],
             say(f"seed {seed}: experiment {name} already finished")
         else:
             say(f"seed {seed}: running experiment {name} (dvc exp run --temp)")
-            _run_seed(project, seed, name, overrides + [f"{s}.seed={seed}" for s in SEEDED], say)
+            _run_seed(project, seed, name, overrides, say)
         names.append(name)
     return names
 
@@ -104,18 +109,39 @@ def _run_seed(project: Path, seed: int, name: str, overrides: list[str], say: Ca
 
     DVC does not rerun a stage whose command, dependencies and params it has seen before (dvc.lock, the
     run-cache): it restores the outputs, and the MLflow record of that training stays with the pipeline run
-    that trained it. A seed whose stages came back that way is trained again with ``--force``.
+    that trained it. A seed whose stages came back that way is trained again: its seeded stages alone when
+    nothing else can differ from dvc.lock, else the whole pipeline (``--force``).
     """
-    _dvc_exp_run(project, name, overrides)
+    seeded = overrides + [f"{s}.seed={seed}" for s in SEEDED]
+    _dvc_exp_run(project, name, seeded)
     if _finished(name):
         return
-    say(f"seed {seed}: DVC restored stages trained before under another pipeline run; training them again "
-        f"under {name} (dvc exp run --temp --force) so that the sweep records every seed")
-    _dvc_exp_run(project, name, overrides, force=True)
+    stages = [] if overrides else _seeded_stages_alone(project)
+    say(f"seed {seed}: DVC restored stages trained before under another pipeline run; training "
+        f"{' '.join(stages) or 'the pipeline'} again under {name} (dvc exp run --temp --force"
+        f"{' --single-item' if stages else ''}) so that the sweep records every seed")
+    _dvc_exp_run(project, name, seeded, stages=stages, force=True)
     if not _finished(name):
         raise FeddmmrError(f"experiment {name} ran but recorded no finished MLflow run of every stage of "
                            f"{', '.join(SEEDED)}: the sweep summarises MLflow runs, so set tracking.enabled: true "
                            "in params.yaml and run it again")
+
+
+def _seeded_stages_alone(project: Path) -> list[str]:
+    """SEEDED, when retraining those alone is the whole pipeline retrained: git tracks dvc.lock (an experiment
+    starts from it) and ``dvc status`` finds every stage as dvc.lock has it, outputs in place; else []."""
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "dvc.lock"], cwd=project, capture_output=True)
+    status = subprocess.run([_dvc(), "status", "--json"], cwd=project, capture_output=True, text=True)
+    clean = status.returncode == 0 and status.stdout.strip() in ("", "{}")
+    return list(SEEDED) if tracked.returncode == 0 and clean else []
+
+
+def _floor_trained_before(runs: dict) -> Any:
+    """The popularity run on the seeds' data, when DVC restored the floor in every seed (dvc.lock has it)."""
+    from .tracking import latest_stage_run
+    uri, _, latest = next(iter(runs.values()))
+    data = next((r.data.tags["prepared_sha256"] for r in latest.values() if "prepared_sha256" in r.data.tags), None)
+    return latest_stage_run(uri, "popularity", data) if data else None
 
 
 def summarize(names: list[str], seeds: list[int], protocol: str = "full") -> str:
@@ -123,7 +149,8 @@ def summarize(names: list[str], seeds: list[int], protocol: str = "full") -> str
     from .stats import paired_test, seed_interval
     from .tracking import metric_name, pipeline_runs, test_ranks
     runs = {seed: pipeline_runs(name) for seed, name in zip(seeds, names)}
-    floor = next((latest["popularity"] for _, _, latest in runs.values() if "popularity" in latest), None)
+    floor = next((latest["popularity"] for _, _, latest in runs.values() if "popularity" in latest), None) \
+        or _floor_trained_before(runs)
     for _, _, latest in runs.values():      # the floor does not depend on the seed: DVC restores it, no run
         if floor is not None:
             latest.setdefault("popularity", floor)
@@ -147,18 +174,25 @@ def summarize(names: list[str], seeds: list[int], protocol: str = "full") -> str
     return "\n".join(lines)
 
 
-def run_ablations(project: str | Path, overrides: list[str], say: Callable[[str], None] = print) -> dict[str, str]:
-    """Retrain finetune_moe once per ablation (skipping those already finished); {ablation: experiment name}."""
+def run_ablations(project: str | Path, overrides: list[str], say: Callable[[str], None] = print,
+                  only: list[str] | None = None) -> dict[str, str]:
+    """Retrain finetune_moe once per ablation (``only``: those and "full", the reference; skipping those already
+    finished); {ablation: experiment name}."""
+    unknown = sorted(set(only or []) - set(ABLATIONS))
+    if unknown:
+        raise FeddmmrError(f"unknown ablation {', '.join(unknown)}: choose from {', '.join(ABLATIONS)}")
     project = Path(project).resolve()
     tag = sweep_tag(project, overrides)
     names = {}
     for ablation, change in ABLATIONS.items():
+        if only and ablation not in only and ablation != "full":
+            continue
         name = names[ablation] = f"ablation-{ablation}-{tag}"
         if _finished(name, (ABLATED,)):
             say(f"{ablation}: experiment {name} already finished")
             continue
         say(f"{ablation}: running experiment {name} ({' '.join(change) or 'the params as they are'})")
-        _dvc_exp_run(project, name, overrides + change, stage=ABLATED)
+        _dvc_exp_run(project, name, overrides + change, stages=[ABLATED])
     return names
 
 

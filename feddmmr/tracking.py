@@ -165,7 +165,7 @@ class StageRun:
         data_sha = hashlib.sha256(json.dumps(data_meta["source_sha256"], sort_keys=True).encode()).hexdigest()
         key = os.environ.get("FEDDMMR_PIPELINE_RUN") or hashlib.sha256(f"{commit}:{data_sha}".encode()).hexdigest()[:16]
         tags = {"feddmmr.pipeline_key": key, "git_commit": commit, "data_sha256": data_sha,
-                "data_source": str(data_meta.get("path", ""))}
+                "prepared_sha256": prepared_sha256(data_meta), "data_source": str(data_meta.get("path", ""))}
         flow_run, named = os.environ.get("PREFECT__FLOW_RUN_ID"), os.environ.get("FEDDMMR_PIPELINE_RUN")
         if flow_run:
             tags["prefect_flow_run_id"] = flow_run
@@ -364,6 +364,24 @@ def pipeline_runs(pipeline: str | None = None) -> tuple[str, Any, dict[str, Any]
     for run in children:  # the latest run of each stage
         latest[run.data.tags.get("feddmmr.stage", run.info.run_name)] = run
     return uri, parent, latest
+
+
+def prepared_sha256(data_meta: dict) -> str:
+    """The prepared data's identity: its meta.json (the sources' hashes and the prepare params)."""
+    return hashlib.sha256(json.dumps(data_meta, sort_keys=True).encode()).hexdigest()
+
+
+def latest_stage_run(uri: str, stage: str, prepared: str):
+    """The latest FINISHED run of ``stage`` on the prepared data whose ``prepared_sha256`` is ``prepared``, or None."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    found = [] if exp is None else client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`feddmmr.stage` = '{stage}' and tags.prepared_sha256 = '{prepared}' "
+                                           "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
 
 
 def compare(pipeline: str | None = None, protocol: str = "full") -> str:

@@ -96,7 +96,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_http(url: str, proc, what: str, timeout: float = 120) -> None:
+def wait_for_http(url: str, proc, what: str, timeout: float = 300) -> None:
     """Poll ``url`` until it answers; fail the test if ``proc`` exits or ``timeout`` passes."""
     import time
     import urllib.request

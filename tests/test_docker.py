@@ -140,7 +140,7 @@ def test_a_triggered_run_runs_every_step_in_its_own_container_and_leaves_one_tra
     start = time.monotonic()
     run = http(prefect, f"api/deployments/{deployment['id']}/create_flow_run",
                {"parameters": {"gpu": False, "overrides": FAST}})     # as the UI's custom run does
-    run = wait_final(prefect, run["id"], timeout=900)
+    run = wait_final(prefect, run["id"], timeout=1800)
     took = time.monotonic() - start
     if run["state"]["type"] != "COMPLETED":
         logs = subprocess.run([*stack["compose"], "logs", "--no-color", "--tail", "80", "worker-docker"],

@@ -45,14 +45,13 @@ def test_two_deployment_runs_at_once_become_two_dvc_experiments(tmp_path):
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/health", server, "prefect server")
         prefect("work-pool", "create", "feddmmr-process", "--type", "process")
-        prefect("deploy", "--name", "process")
-        prefect("deploy", "--name", "nightly-ml1m")
+        prefect("deploy", "--name", "process", "--name", "nightly-ml1m")
         runs = []
         for rounds in (1, 2):
             out = prefect("deployment", "run", "feddmmr-pipeline/process", "-p", f"project_dir={project}",
                           "-p", f'overrides=["pretrain_sasrec.rounds={rounds}"]')
             runs.append(next(line.split("UUID:")[1].strip() for line in out.splitlines() if "UUID:" in line))
-        prefect("worker", "start", "--pool", "feddmmr-process", "--run-once", "--limit", "2", timeout=500)
+        prefect("worker", "start", "--pool", "feddmmr-process", "--run-once", "--limit", "2", timeout=1500)
 
         names = []
         for run_id in runs:

@@ -38,8 +38,10 @@ def project(tmp_path_factory):
 def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(project):
     out = sh(BIN / "feddmmr", "sweep", "--seeds", "42", "1", cwd=project)
     assert "seed 42: running experiment seeds-42-" in out and "seed 1: running experiment seeds-1-" in out
-    # seed 42's stages match dvc.lock: DVC would restore them, recorded under `dvc repro`'s pipeline run
-    assert "seed 42: DVC restored stages trained before" in out and "seed 1: DVC restored" not in out
+    # seed 42's stages match dvc.lock: DVC would restore them, recorded under `dvc repro`'s pipeline run; the
+    # training stages alone are retrained (dvc.lock is tracked, dvc status clean)
+    assert ("seed 42: DVC restored stages trained before under another pipeline run; training pretrain_sasrec "
+            "align_projectors finetune_moe centralized again") in out and "seed 1: DVC restored" not in out
     names = [line.split("experiment ")[1].split(" ")[0] for line in out.splitlines() if ": running experiment" in line]
 
     # DVC: an experiment per seed, every training stage's seed set, the user's checkout untouched
@@ -65,7 +67,9 @@ def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(project):
     mean, half = seed_interval(values)
     ndcg = next(line for line in out.splitlines() if line.startswith("NDCG@10")).split()
     assert ndcg[7:10] == [f"{mean:.4f}", "±", f"{half:.4f}"]          # the finetune_moe column
-    assert sum(line.startswith("  seed ") for line in out.splitlines()) == 2 * 4   # 4 columns against the first
+    # 4 columns against the first: popularity, restored from dvc.lock in both seeds, is `dvc repro`'s run
+    header = next(line for line in out.splitlines() if line.startswith("metric")).split()
+    assert header[-1] == "popularity" and sum(line.startswith("  seed ") for line in out.splitlines()) == 2 * 4
 
     # the same sweep again runs nothing
     again = sh(BIN / "feddmmr", "sweep", "--seeds", "42", "1", cwd=project)
@@ -77,16 +81,18 @@ def test_ablate_retrains_stage3_once_per_ablation_and_tests_each_against_the_ful
     from feddmmr.stats import paired_test
     from feddmmr.sweeps import ABLATIONS
     from feddmmr.tracking import test_ranks
-    out = sh(BIN / "feddmmr", "ablate", cwd=project)
+    chosen = ["backbone-only", "text-only", "no-contrastive-loss"]            # and full, the reference
+    out = sh(BIN / "feddmmr", "ablate", *chosen, cwd=project)
     names = {line.split(":")[0]: line.split("experiment ")[1].split(" ")[0]
              for line in out.splitlines() if ": running experiment" in line}
-    assert set(names) == set(ABLATIONS)
+    assert list(names) == [a for a in ABLATIONS if a in chosen + ["full"]]
 
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=project))
     exps = {e["name"]: e for row in shown for e in (row.get("experiments") or []) for e in e["revs"]}
     stage3 = exps[names["text-only"]]["data"]["params"]["params.yaml"]["data"]["finetune_moe"]
     assert stage3["modalities"] == ["text"] and stage3["long_term"] is True
-    assert exps[names["no-long-term-memory"]]["data"]["params"]["params.yaml"]["data"]["finetune_moe"]["long_term"] is False
+    assert exps[names["no-contrastive-loss"]]["data"]["params"]["params.yaml"]["data"]["finetune_moe"][
+        "contrastive_weight"] == 0.0
 
     uri = f"sqlite:///{project / 'mlruns.db'}"
     client = mlflow.MlflowClient(uri)
@@ -99,18 +105,28 @@ def test_ablate_retrains_stage3_once_per_ablation_and_tests_each_against_the_ful
                                      f"'{parent.info.run_id}' and tags.`feddmmr.stage` = 'finetune_moe'")
     assert run["backbone-only"].data.metrics["gating_weight"] == 0.0
     rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in ABLATIONS}
+    assert set(rows) == set(names)
     full = test_ranks(uri, run["full"].info.run_id, "full")
     test = paired_test(full, test_ranks(uri, run["no-contrastive-loss"].info.run_id, "full"), "NDCG@10")
     assert f"{test.diff:+.4f} [{test.low:+.4f}, {test.high:+.4f}]" in rows["no-contrastive-loss"]
     assert f"{run['text-only'].data.metrics['test.full.NDCG_at_10']:.4f}" in rows["text-only"]
 
-    again = sh(BIN / "feddmmr", "ablate", cwd=project)
-    assert again.count("already finished") == len(ABLATIONS) and "running" not in again
+    again = sh(BIN / "feddmmr", "ablate", *chosen, cwd=project)
+    assert again.count("already finished") == len(names) and "running" not in again
 
 
-@pytest.mark.parametrize("command", [["sweep", "--seeds", "1", "2"], ["ablate"]])
-def test_experiments_without_tracking_are_refused_before_running_any(tmp_path, command):
-    r = subprocess.run([str(BIN / "feddmmr"), *command, "-S", "tracking.enabled=false"], cwd=tmp_path,
-                       capture_output=True, text=True)
+@pytest.mark.parametrize("command, message", [
+    (["sweep", "--seeds", "1", "2", "-S", "tracking.enabled=false"], "tracking.enabled is false: set it to true"),
+    (["ablate", "-S", "tracking.enabled=false"], "tracking.enabled is false: set it to true"),
+    (["ablate", "text-only", "no-memory"], "unknown ablation no-memory: choose from full, backbone-only"),
+])
+def test_experiments_that_cannot_run_are_refused_before_running_any(tmp_path, command, message):
+    r = subprocess.run([str(BIN / "feddmmr"), *command], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "tracking.enabled is false: set it to true" in r.stderr and not any(tmp_path.iterdir())
+    assert message in r.stderr and not any(tmp_path.iterdir())
+
+
+def test_a_restored_seed_retrains_the_whole_pipeline_unless_dvc_lock_is_tracked_and_current(tmp_path):
+    from feddmmr.sweeps import _seeded_stages_alone
+    project = git_dvc_project(tmp_path / "project")            # no dvc.lock yet: DVC restored from its run-cache
+    assert _seeded_stages_alone(project) == []
