@@ -1,9 +1,9 @@
 # Two entry points on a fresh machine: `make repro` (the pipeline on params.yaml) and `make test`.
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
-# pytest-xdist workers for `make test`: the long tests wait on servers, containers and subprocesses much of the
-# time (on a 2-CPU VM: 22 min with 3 workers, 36 min in one process)
-TEST_WORKERS ?= 3
+# pytest-xdist workers for `make test`: the long tests wait on servers, containers, polling workers and
+# subprocesses much of the time (on a 2-CPU VM: 22 min with 4 workers, 25 with 3, 36 in one process)
+TEST_WORKERS ?= 4
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
