@@ -123,8 +123,8 @@ def _run_seed(project: Path, seed: int, name: str, overrides: list[str], say: Ca
     _dvc_exp_run(project, name, seeded, stages=stages, force=True)
     if not _finished(name):
         raise FeddmmrError(f"experiment {name} ran but recorded no finished MLflow run of every stage of "
-                           f"{', '.join(SEEDED)}: the sweep summarises MLflow runs, so set tracking.enabled: true "
-                           "in params.yaml and run it again")
+                           f"{', '.join(SEEDED)} (feddmmr compare --run {name} shows what it has): check that the "
+                           "tracking store (MLFLOW_TRACKING_URI) answers, then run the same command again")
 
 
 def _seeded_stages_alone(project: Path) -> list[str]:
