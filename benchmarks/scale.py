@@ -116,6 +116,34 @@ class PeakMemory:
         self.added_mb = (self.peak - self.start) / 2 ** 20
 
 
+def gemm_rate(d: int, rows: int = 800) -> float:
+    """FLOP/s of one thread on a [rows, d] x [d, 3d] float32 product, the shape of a block's fused q/k/v
+    projection over one batch (its largest product)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a, b = torch.randn(rows, d), torch.randn(d, 3 * d)
+    for _ in range(10):
+        a @ b
+    t0, n = time.perf_counter(), 200
+    for _ in range(n):
+        a @ b
+    rate = 2 * rows * d * 3 * d * n / (time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return rate
+
+
+def matmul_flops(params, positions: int) -> float:
+    """Floating-point operations of the backbone's matrix products in a training round: per position and block
+    the q/k/v, output and two feed-forward projections and the attention over the window (query x key and
+    weights x value), and the 1 + N candidate scores; the backward pass costs twice the forward."""
+    m, L = params.model, params.prepare.max_seq_len
+    d, f = m.hidden, m.ffn_hidden
+    per_block = 2 * d * 3 * d + 2 * d * d + 2 * 2 * d * f + 2 * 2 * L * d
+    candidates = 2 * (1 + params.pretrain_sasrec.num_negatives) * d
+    return 3 * positions * (m.blocks * per_block + candidates)
+
+
 def measure(args) -> dict:
     """Runs inside the revision's checkout: one dataset, one stage, one client count."""
     import torch
@@ -187,7 +215,15 @@ def measure(args) -> dict:
     with rss:                                      # one more round, for its memory only
         executor(model, clients, pool, 1, tp, trainable, memory)
         sync()
+    import numpy as np
+
+    from feddmmr.client import train_windows
+    windows = int(np.isin(train_windows(data)[3], clients).sum()) * tp.local_epochs
+    flops = matmul_flops(params, windows * data.max_seq_len)
+    rate = gemm_rate(params.model.hidden) if device.type == "cpu" else 0.0
     out = {"seconds": statistics.median(times), "targets": int(pool.num_targets[clients].sum()),
+           "matmul_gflop": flops / 1e9, "gemm_gflops": rate / 1e9,
+           "floor_seconds": flops / (rate * (len(pids) or torch.get_num_threads())) if rate else None,
            "clients": len(clients), "steps": result.steps, "executor": name,
            "threads": len(pids) or torch.get_num_threads(),
            "round_mb": rss.added_mb if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2 ** 20,
@@ -254,6 +290,14 @@ def baseline_checkout(rev: str, cache: Path) -> Path:
     return path
 
 
+def floor(new: dict) -> str:
+    """The round's backbone matrix products at the measured one-thread GEMM rate on every training process: no
+    CPU round of this model can be faster (stage 3 adds the experts' products on top)."""
+    if not new.get("floor_seconds"):
+        return "-"
+    return f"{new['floor_seconds']:.2f} s ({new['matmul_gflop']:.0f} GFLOP at {new['gemm_gflops']:.0f} GFLOP/s a thread)"
+
+
 def fmt(new: dict | None, old: dict | None, key: str, unit: str) -> str:
     if new is None or key not in new:
         return "-"
@@ -295,8 +339,8 @@ def main() -> None:
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     base = None if args.no_baseline else baseline_checkout(args.baseline, cache)
     print(f"this checkout: {REPO} vs baseline {args.baseline if base else '(none)'}")
-    print("| data | stage | clients | targets | round | round memory | evaluation | executor, threads |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| data | stage | clients | targets | round | round memory | evaluation | executor, threads | matmul floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.datasets.split(","):
         prepared = prepared_dir(name, cache, data_root)
         for stage in args.stages.split(","):
@@ -308,7 +352,7 @@ def main() -> None:
                 print(f"| {name} ({new['users']} users, {new['items']} items) | {stage} | {new['clients']} | "
                       f"{new['targets']} | {fmt(new, old, 'seconds', ' s')} | {fmt(new, old, 'round_mb', ' MB')} | "
                       f"{fmt(new, old, 'eval_seconds', ' s')} | {new['executor']}, {new['threads']} "
-                      f"(was {old['executor'] + ', ' + str(old['threads']) if old else '-'}) |", flush=True)
+                      f"(was {old['executor'] + ', ' + str(old['threads']) if old else '-'}) | {floor(new)} |", flush=True)
 
 
 if __name__ == "__main__":
