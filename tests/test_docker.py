@@ -46,6 +46,7 @@ def test_compose_file_declares_the_stack():
     assert "--type" in services["worker-docker"]["command"] and "docker" in services["worker-docker"]["command"]
     assert "/var/run/docker.sock:/var/run/docker.sock" in services["worker-docker"]["volumes"]
     assert "--artifacts-destination" in services["mlflow"]["command"]    # a real artifact store, served
+    assert services["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"   # no GenAI job runner
     assert {"workspace", "dvc-cache", "dvc-remote", "prefect-data", "mlflow-data"} <= set(compose["volumes"])
 
 
