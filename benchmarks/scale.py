@@ -133,14 +133,14 @@ def gemm_rate(d: int, rows: int = 800) -> float:
     return rate
 
 
-def matmul_flops(params, positions: int) -> float:
+def matmul_flops(params, tp, positions: int) -> float:
     """Floating-point operations of the backbone's matrix products in a training round: per position and block
     the q/k/v, output and two feed-forward projections and the attention over the window (query x key and
     weights x value), and the 1 + N candidate scores; the backward pass costs twice the forward."""
     m, L = params.model, params.prepare.max_seq_len
     d, f = m.hidden, m.ffn_hidden
     per_block = 2 * d * 3 * d + 2 * d * d + 2 * 2 * d * f + 2 * 2 * L * d
-    candidates = 2 * (1 + params.pretrain_sasrec.num_negatives) * d
+    candidates = 2 * (1 + tp.num_negatives) * d
     return 3 * positions * (m.blocks * per_block + candidates)
 
 
@@ -219,13 +219,14 @@ def measure(args) -> dict:
 
     from feddmmr.client import train_windows
     windows = int(np.isin(train_windows(data)[3], clients).sum()) * tp.local_epochs
-    flops = matmul_flops(params, windows * data.max_seq_len)
+    flops = matmul_flops(params, tp, windows * data.max_seq_len)
     rate = gemm_rate(params.model.hidden) if device.type == "cpu" else 0.0
+    workers = len(pids) or torch.get_num_threads()
     out = {"seconds": statistics.median(times), "targets": int(pool.num_targets[clients].sum()),
            "matmul_gflop": flops / 1e9, "gemm_gflops": rate / 1e9,
-           "floor_seconds": flops / (rate * (len(pids) or torch.get_num_threads())) if rate else None,
+           "floor_seconds": flops / (rate * workers) if rate else None,
            "clients": len(clients), "steps": result.steps, "executor": name,
-           "threads": len(pids) or torch.get_num_threads(),
+           "threads": workers,
            "round_mb": rss.added_mb if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2 ** 20,
            "users": data.num_users, "items": data.num_items}
     if args.eval:
