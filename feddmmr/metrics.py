@@ -1,12 +1,14 @@
 """Batched evaluation of all users: HR@k, NDCG@k and MRR under two protocols.
 
 - full:    the target is ranked against every item the user has not interacted with before
-           (the known history is excluded; ties count against the target);
+           (the known history is excluded, except the target itself: a re-consumed item, as in
+           re-watches or re-purchases, still competes with its own score; ties count against the target);
 - sampled: the target is ranked against the fixed 100 negatives drawn once at prepare time from
            items the user never interacted with (parity with the original FedDMMR numbers).
 
 A non-finite score (NaN, +-inf) ranks as the worst possible: a NaN target is last, never first. The
-number of non-finite scores is reported (``nonfinite_scores``) so that training can stop on it.
+number of non-finite scores is reported (``nonfinite_scores``) so that training can stop on it. A rank
+below 1 or a metric outside [0, 1] is a bug, never a result: ``rank_metrics`` raises ``ImpossibleMetric``.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from .data import Prepared, left_pad
+from .errors import ImpossibleMetric
 
 
 def eval_inputs(data: Prepared, split: str) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
@@ -32,14 +35,21 @@ def eval_inputs(data: Prepared, split: str) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def rank_metrics(ranks: torch.Tensor, ks: list[int]) -> dict[str, float]:
-    """ranks [U] (1 = best) -> {HR@k, NDCG@k, MRR} averaged over users."""
+    """ranks [U] (1 = best) -> {HR@k, NDCG@k, MRR} averaged over users; refuses impossible ranks."""
     r = ranks.to(torch.float64)
+    if len(r) and not (bool(torch.isfinite(r).all()) and float(r.min()) >= 1):
+        bad = int((~torch.isfinite(r) | (r < 1)).sum())
+        raise ImpossibleMetric(f"evaluation produced {bad} ranks below 1 or non-finite (min {float(r.min()):g}): "
+                               f"a rank counts the target itself; this is a bug in the evaluator, not a result")
     out: dict[str, float] = {}
     for k in ks:
         hit = r <= k
         out[f"HR@{k}"] = float(hit.double().mean())
         out[f"NDCG@{k}"] = float(torch.where(hit, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r)).mean())
     out["MRR"] = float((1.0 / r).mean())
+    bad = {name: v for name, v in out.items() if not 0.0 <= v <= 1.0}   # NaN fails this too
+    if bad:
+        raise ImpossibleMetric(f"evaluation produced metrics outside [0, 1]: {bad}; this is a bug, not a result")
     return out
 
 
@@ -80,7 +90,8 @@ class Evaluator:
             scores = self._worst_if_nonfinite(model.score_all(h, **mem))  # [b, I], column j = item j+1
             pos = scores.gather(1, (target[sel].to(device) - 1).unsqueeze(1))  # [b, 1]
             h_rows, h_cols = _history(indptr, cols, batch, contiguous=users is None)
-            scores[h_rows.to(device), (h_cols - 1).to(device)] = float("-inf")  # history never competes
+            scores[h_rows.to(device), (h_cols - 1).to(device)] = float("-inf")  # history never competes,
+            scores.scatter_(1, (target[sel].to(device) - 1).unsqueeze(1), pos)  # but a repeated target does
             full.append((scores >= pos).sum(1).cpu())                   # target counts itself: rank >= 1
             if self.negatives.shape[1]:
                 neg = self._worst_if_nonfinite(model.score(h, self.negatives[sel].to(device), **mem))  # [b, N]

@@ -1,10 +1,14 @@
 import math
 
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 
 from conftest import tiny_params
-from feddmmr.data import load_prepared
+from feddmmr.config import PrepareParams
+from feddmmr.data import load_prepared, prepare
+from feddmmr.errors import ImpossibleMetric
 from feddmmr.metrics import Evaluator, rank_metrics
 from feddmmr.stages import build_model
 
@@ -16,11 +20,35 @@ def test_rank_metrics_by_hand():
     assert math.isclose(m["MRR"], (1 + 1 / 3 + 1 / 11) / 3)
 
 
-def test_batched_ranks_match_a_per_user_brute_force(tiny_prepared):
-    data = load_prepared(tiny_prepared)
+def test_impossible_ranks_are_refused_never_reported():
+    """A rank of 0 used to read as HR 1.0 and NDCG inf (a repeated target masked as history)."""
+    for ranks in ([1, 0, 3], [1, float("nan")], [2, float("inf")]):
+        with pytest.raises(ImpossibleMetric, match="ranks below 1 or non-finite"):
+            rank_metrics(torch.tensor(ranks), [5, 10])
+
+
+@pytest.fixture(scope="module")
+def repeated_prepared(tmp_path_factory, tiny_csv):
+    """The tiny data with every interaction twice, as in re-watches: many targets are also in the history."""
+    d = pd.read_csv(tiny_csv)
+    path = tmp_path_factory.mktemp("repeats") / "interactions.csv"
+    pd.concat([d, d]).sort_index(kind="stable").to_csv(path, index=False)
+    out = path.parent / "prepared"
+    prepare(PrepareParams(source="csv", path=str(path), max_seq_len=10, eval_negatives=20), out)
+    return out
+
+
+@pytest.mark.parametrize("prepared", ["tiny_prepared", "repeated_prepared"])
+def test_batched_ranks_match_a_per_user_brute_force(prepared, request):
+    """The oracle: the target competes with every item outside the history, and with itself when repeated."""
+    data = load_prepared(request.getfixturevalue(prepared))
+    repeats = sum(int(data.sequence(u)[-1] in set(data.sequence(u)[:-1].tolist())) for u in range(data.num_users))
+    assert (repeats == data.num_users) == (prepared == "repeated_prepared")
     torch.manual_seed(0)
     model = build_model(tiny_params(), data).eval()
-    full, sampled = Evaluator(data, [10], batch_size=7).ranks(model, "test")
+    evaluator = Evaluator(data, [10], batch_size=7)
+    full, sampled = evaluator.ranks(model, "test")
+    assert evaluator.summarize(full, sampled)["full"]["NDCG@10"] <= 1.0
     for u in range(data.num_users):
         seq = data.sequence(u)
         inp = torch.zeros(1, data.max_seq_len, dtype=torch.long)
