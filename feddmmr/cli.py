@@ -95,7 +95,8 @@ non-finite loss, weight or score stops the stage (exit 3); the checkpoint then h
 round, marked diverged. A second training into an output in use refuses at once.
 
 Exit status: 0 done; 2 bad input or parameters; 3 training diverged; 4 trained and written, but
-MLflow did not record everything (run the command again once it answers); 130 interrupted.
+MLflow did not record everything (run the command again once it answers); 5 the machine failed the
+run (a worker killed or out of memory, the disk full: run it again, it resumes); 130 interrupted.
 
 Stages (each reads its own params.yaml section):
   pretrain_sasrec   SASRec over item ids; everything trains.
@@ -280,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
         from .metrics import Evaluator
         from .stages import load_checkpoint
         data = load_prepared(args.data)
-        model, config, memory = load_checkpoint(args.checkpoint, data, args.features)
+        model, config, memory = load_checkpoint(args.checkpoint, data, args.features, diverged_ok=True)
         result = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size).evaluate(model, args.split, memory)
         print(json.dumps({"checkpoint": str(args.checkpoint), "stage": config["stage"], "split": args.split, **result}, indent=2))
         return 0
@@ -323,7 +324,7 @@ def _experiments(args: argparse.Namespace) -> int:
 def _recommend(args: argparse.Namespace) -> int:
     from .recommend import format_table, parse_history, read_users, write_recommendations
     users = [args.user] if args.user is not None else read_users(args.users) if args.users else None
-    history = parse_history(args.history) if args.history else None
+    history = parse_history(args.history) if args.history is not None else None
     recommend, source = _recommender(args)
     frame = recommend(users, history, args.k, args.include_known)
     if args.out:
@@ -362,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     except FeddmmrError as exc:
         print(f"feddmmr: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:       # disk full, permissions, an output path below a file: one line, never a traceback
+        from .io import os_error_line
+        line, status = os_error_line(exc)
+        print(f"feddmmr: error: {line}", file=sys.stderr)
+        return status
     except KeyboardInterrupt:
         resumable = " (a training stage resumes from its last completed round when run again)" \
             if args.command == "train" else ""

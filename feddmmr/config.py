@@ -6,6 +6,7 @@ overridden from the command line with ``-S section.key=value`` (the same syntax 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -225,11 +226,18 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _closest(name: str, valid: set[str]) -> str:
+    """' (did you mean X?)' for a misspelt name, else ''."""
+    match = difflib.get_close_matches(str(name), sorted(valid), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
 def _update_section(obj: Any, section: str, values: dict[str, Any]) -> None:
     valid = {f.name for f in fields(obj)}
     for key, value in values.items():
         if key not in valid:
-            raise FeddmmrError(f"params: unknown key {section}.{key}; valid keys: {', '.join(sorted(valid))}")
+            raise FeddmmrError(f"params: unknown key {section}.{key}{_closest(key, valid)}; valid keys: "
+                               f"{', '.join(sorted(valid))}")
         setattr(obj, key, _coerce(section, key, value, getattr(obj, key)))
 
 
@@ -248,14 +256,24 @@ RANGES: dict[str, tuple[str, Any]] = {
     "lt_capacity": _AT_LEAST_1, "retrieve_lt": _AT_LEAST_1, "dim": _AT_LEAST_1,
     "gate_start": ("null or a number", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
     "freeze": ("a list of parameter group names", lambda v: isinstance(v, list) and all(isinstance(g, str) for g in v)),
+    "seed": (">= 0 and < 2^32", lambda v: 0 <= v < 2 ** 32),
     "prepare.top_k_users": (">= 0 (0 = all users)", lambda v: v >= 0),
     "federation.engine": ("simulation or flower", lambda v: v in ("simulation", "flower")),
     "federation.nodes": _AT_LEAST_1, "federation.timeout": _POSITIVE,
     "runtime.threads": (">= 0 (0 = follow the free CPUs)", lambda v: v >= 0),
     "prepare.min_user_interactions": (">= 3 (leave-one-out needs train, validation and test items)", lambda v: v >= 3),
-    "prepare.max_seq_len": (">= 2", lambda v: v >= 2),
+    "prepare.max_seq_len": (">= 2 and <= 4096", lambda v: 2 <= v <= 4096),
     "prepare.eval_negatives": (">= 0 (negatives of the sampled protocol; 0 turns that protocol off)",
                                lambda v: v >= 0),
+}
+
+
+# Upper bounds where a value sizes memory: far above any sensible setting, below what would take the machine down
+# (num_negatives 10^7 OOM-killed a worker; hidden 10^6 asked for terabytes). Checked after RANGES.
+LIMITS: dict[str, int] = {
+    "hidden": 8192, "ffn_hidden": 32768, "blocks": 64, "heads": 128, "router_hidden": 8192, "dim": 8192,
+    "num_negatives": 100_000, "eval_negatives": 100_000, "batch_size": 65_536, "clients_per_chunk": 100_000,
+    "st_capacity": 10_000, "lt_capacity": 100_000, "retrieve_lt": 100_000, "local_epochs": 10_000,
 }
 
 
@@ -274,6 +292,8 @@ def validate(params: Params) -> None:
             rule = RANGES.get(f"{section.name}.{f.name}") or RANGES.get(f.name)
             if rule is not None and not rule[1](value):
                 raise _bad(section.name, f.name, rule[0], value)
+            if f.name in LIMITS and isinstance(value, int) and value > LIMITS[f.name]:
+                raise _bad(section.name, f.name, f"at most {LIMITS[f.name]:,} (it sizes memory)", value)
     m, mem, ks = params.model, params.memory, params.evaluation.ks
     if m.hidden % m.heads:
         raise _bad("model", "hidden", f"a multiple of model.heads ({m.heads})", m.hidden)
@@ -293,14 +313,17 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     sections = {f.name for f in fields(params)}
     if path is not None and Path(path).is_file():
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise FeddmmrError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
         except yaml.YAMLError as exc:
-            raise FeddmmrError(f"{path} is not valid YAML: {exc}") from None
+            raise FeddmmrError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(raw, dict):
             raise FeddmmrError(f"{path} must hold a mapping of sections ({', '.join(sorted(sections))})")
         for section, values in raw.items():
             if section not in sections:
-                continue  # other tools' sections (later stages, tracking, ...) are theirs to validate
+                raise FeddmmrError(f"{path}: unknown section {section!r}{_closest(section, sections)}; valid: "
+                                   f"{', '.join(sorted(sections))}")
             if not isinstance(values, dict):
                 raise FeddmmrError(f"{path}: section {section!r} must be a mapping")
             _update_section(getattr(params, section), section, values)
@@ -312,7 +335,13 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         dotted, raw_value = item.split("=", 1)
         section, key = dotted.split(".", 1)
         if section not in sections:
-            raise FeddmmrError(f"override {item!r}: unknown section {section!r}; valid: {', '.join(sorted(sections))}")
-        _update_section(getattr(params, section), section, {key: yaml.safe_load(raw_value)})
+            raise FeddmmrError(f"override {item!r}: unknown section {section!r}{_closest(section, sections)}; valid: "
+                               f"{', '.join(sorted(sections))}")
+        try:
+            value = yaml.safe_load(raw_value)
+        except yaml.YAMLError as exc:
+            raise FeddmmrError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); "
+                               f"quote strings and close brackets, e.g. {dotted}=[1, 2]") from None
+        _update_section(getattr(params, section), section, {key: value})
     validate(params)
     return params

@@ -15,7 +15,9 @@ from __future__ import annotations
 import csv
 import io
 import zipfile
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,34 @@ def read_member(path: Path, member: str, encoding: str, setting: str = "prepare.
     raise FeddmmrError(f"input not found: {path}; set {setting} to the dataset folder, zip or file")
 
 
+ID_COLUMNS = ("user", "item")
+INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
+
+
+def _parse_ids(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
+    """User and item ids as exact int64, read from their text (never through float: 2^53 + 1 stays itself).
+
+    '42' and '42.0' are the id 42; anything else (1.5, 1e20, abc) or an integer outside int64 is refused,
+    naming the data row."""
+    for col in ID_COLUMNS:
+        text = frame[col].astype(str).str.strip()
+        whole = text.str.fullmatch(r"[+-]?\d+(?:\.0*)?")
+        if not whole.all():
+            row = int(np.flatnonzero(~whole.to_numpy())[0])
+            raise FeddmmrError(f"{source}: {col} id {text.iloc[row]!r} in data row {row + 1} is not an integer; "
+                               f"{col} ids must be whole numbers (map other ids to integers first)")
+        digits = text.str.replace(r"\.0*$", "", regex=True)
+        codes, uniq = pd.factorize(digits)                     # a few thousand distinct ids: exact Python ints
+        exact = [int(v) for v in uniq]
+        out = [v for v in exact if not INT64_RANGE[0] <= v <= INT64_RANGE[1]]
+        if out:
+            row = int(np.flatnonzero(digits.to_numpy() == uniq[exact.index(out[0])])[0])
+            raise FeddmmrError(f"{source}: {col} id {out[0]} in data row {row + 1} does not fit a signed 64-bit "
+                               f"integer (|id| < 2^63); map the ids to smaller integers first")
+        frame[col] = np.asarray(exact, dtype=np.int64)[codes]
+    return frame
+
+
 def _parse_numeric(frame: pd.DataFrame, cols: list[str], source: Path, fmt: str) -> pd.DataFrame:
     for col in cols:
         values = pd.to_numeric(frame[col], errors="coerce")
@@ -79,9 +109,16 @@ def _read_delimited(text: str, sep: str, names: list[str], source: Path, fmt: st
             f"{source}: first line {first[:60]!r} is not separated by {sep!r}; expected {fmt} "
             f"(wrong file or wrong prepare.source?)"
         )
-    frame = pd.read_csv(io.StringIO(text), sep=sep, header=None, names=names, usecols=range(len(names)),
-                        dtype=str, engine="c", keep_default_na=False)
-    return _parse_numeric(frame, names, source, fmt)
+    frame = _read_table(io.StringIO(text), source, fmt, sep=sep, header=None, names=names, usecols=range(len(names)))
+    return _parse_numeric(_parse_ids(frame, source), [c for c in names if c not in ID_COLUMNS], source, fmt)
+
+
+def _read_table(text: io.StringIO, source: Path, fmt: str, **kwargs) -> pd.DataFrame:
+    """pandas' CSV reader on text columns; a malformed line (too many fields, an open quote) is one line."""
+    try:
+        return pd.read_csv(text, dtype=str, engine="c", keep_default_na=False, **kwargs)
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise FeddmmrError(f"{source}: {str(exc).strip().splitlines()[-1]}; expected {fmt}") from None
 
 
 def read_ml1m(path: Path) -> pd.DataFrame:
@@ -108,7 +145,7 @@ def read_csv_interactions(path: Path) -> pd.DataFrame:
         sep = csv.Sniffer().sniff(header, delimiters=",;\t|").delimiter
     except csv.Error:
         raise FeddmmrError(f"{path}: cannot find the column separator in the header {header[:60]!r}; expected {fmt}") from None
-    frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+    frame = _read_table(io.StringIO(text), path, fmt, sep=sep)
     lower = {c.strip().lower(): c for c in frame.columns}
     rename = {}
     for canon, aliases in COLUMN_ALIASES.items():
@@ -120,7 +157,7 @@ def read_csv_interactions(path: Path) -> pd.DataFrame:
     frame = frame.rename(columns=rename)[list(rename.values())]
     if "rating" not in frame:
         frame["rating"] = "1"
-    return _parse_numeric(frame, ["user", "item", "timestamp", "rating"], path, fmt)
+    return _parse_numeric(_parse_ids(frame, path), ["timestamp", "rating"], path, fmt)
 
 
 def read_interactions(source: str, path: str | Path) -> pd.DataFrame:
@@ -136,10 +173,6 @@ def read_interactions(source: str, path: str | Path) -> pd.DataFrame:
         raise FeddmmrError(f"prepare.source must be one of {', '.join(SOURCES)}, got {source!r}")
     if len(frame) == 0:
         raise FeddmmrError(f"{path} holds no interactions")
-    for col in ("user", "item"):
-        if (frame[col] % 1 != 0).any():
-            raise FeddmmrError(f"{path}: {col} ids must be integers")
-        frame[col] = frame[col].astype(np.int64)
     return frame.reset_index(drop=True)
 
 
@@ -165,11 +198,26 @@ class Prepared:
     def num_items(self) -> int:
         return len(self.item_raw)
 
+    @cached_property
+    def items_sha256(self) -> str:
+        """What feature files are built for: the item map (raw id of each item index), by hash."""
+        return ids_sha256(self.item_raw)
+
+    @cached_property
+    def users_sha256(self) -> str:
+        """The user map by hash: with ``items_sha256``, what a checkpoint was trained on."""
+        return ids_sha256(self.user_raw)
+
     def sequence(self, u: int) -> np.ndarray:
         return self.items[self.offsets[u]:self.offsets[u + 1]]
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+
+def ids_sha256(ids: np.ndarray) -> str:
+    """sha256 of an id map (raw ids in index order, as little-endian int64)."""
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
 
 
 def build_sequences(frame: pd.DataFrame, top_k_users: int, min_user_interactions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -216,7 +264,9 @@ def sample_eval_negatives(items: np.ndarray, offsets: np.ndarray, num_items: int
     lengths = np.diff(offsets)
     if n <= 0:
         return np.zeros((num_users, 0), dtype=np.int64)
-    worst = int(lengths.max())
+    user_of = np.repeat(np.arange(num_users), lengths)
+    distinct = np.bincount(np.unique(user_of * (num_items + 1) + items) // (num_items + 1), minlength=num_users)
+    worst = int(distinct.max())                                        # repeated items count once
     unseen_min = num_items - worst
     if unseen_min < n:
         raise FeddmmrError(
@@ -225,7 +275,6 @@ def sample_eval_negatives(items: np.ndarray, offsets: np.ndarray, num_items: int
         )
     gen = torch.Generator().manual_seed(seed)
     out = np.empty((num_users, n), dtype=np.int64)
-    user_of = np.repeat(np.arange(num_users), lengths)
     chunk = 1024
     for start in range(0, num_users, chunk):
         stop = min(start + chunk, num_users)
@@ -276,15 +325,33 @@ def load_prepared(data_dir: str | Path) -> Prepared:
     if not npz.is_file():
         raise FeddmmrError(f"prepared data not found: {npz} ({fix})")
     meta = read_json(data_dir / "meta.json", "prepared-data metadata")
-    with np.load(npz) as z:
-        items, offsets, negatives = z["items"], z["offsets"], z["eval_negatives"]
-    users = pd.read_csv(data_dir / "user_map.csv")
-    item_map = pd.read_csv(data_dir / "item_map.csv")
-    if len(users) != len(offsets) - 1 or len(item_map) != meta["num_items"]:
-        raise FeddmmrError(f"{data_dir}: id maps do not match sequences.npz; {fix}")
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            items, offsets, negatives = z["items"], z["offsets"], z["eval_negatives"]
+    except Exception as exc:   # zipfile, numpy and KeyError variants of a damaged or foreign file
+        raise FeddmmrError(f"{npz} could not be read ({type(exc).__name__}: {str(exc)[:120]}); {fix}") from None
+    users, item_map = (_read_map(data_dir / name, column, fix) for name, column in
+                       (("user_map.csv", "raw_user"), ("item_map.csv", "raw_item")))
+    if (len(users) != len(offsets) - 1 or len(item_map) != meta.get("num_items") or offsets[0] != 0
+            or offsets[-1] != len(items) or (np.diff(offsets) < 0).any()
+            or (len(items) and not 1 <= items.min() <= items.max() <= len(item_map))):
+        raise FeddmmrError(f"{data_dir}: id maps, offsets and items of sequences.npz do not agree; {fix}")
     return Prepared(items=items, offsets=offsets, eval_negatives=negatives,
                     user_raw=users["raw_user"].to_numpy(), item_raw=item_map["raw_item"].to_numpy(),
                     max_seq_len=int(meta["params"]["max_seq_len"]), meta=meta)
+
+
+def _read_map(path: Path, column: str, fix: str) -> pd.DataFrame:
+    """An id map of the prepared data (raw id, index), raw ids as int64."""
+    if not path.is_file():
+        raise FeddmmrError(f"prepared data incomplete: {path} is missing ({fix})")
+    try:
+        frame = pd.read_csv(path, dtype={column: np.int64})
+    except (ValueError, pd.errors.ParserError, OverflowError) as exc:
+        raise FeddmmrError(f"{path} could not be read ({str(exc)[:120]}); {fix}") from None
+    if column not in frame:
+        raise FeddmmrError(f"{path} has no {column} column; {fix}")
+    return frame
 
 
 # ----------------------------------------------------------------------------------------------

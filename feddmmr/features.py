@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .config import Params, PrepareParams, TextFeatureParams, VisualFeatureParams, resolve_device
 from .data import Prepared, load_prepared, read_member
 from .errors import FeddmmrError
-from .io import atomic_dir, file_sha256, load_tensors, save_tensors, write_json
+from .io import atomic_dir, file_sha256, load_tensors, safetensors_header, save_tensors, write_json
 from .modalities import NAMES
 
 log = logging.getLogger("feddmmr")
@@ -176,7 +176,7 @@ def extract_text(prep: PrepareParams, tp: TextFeatureParams, data_dir: str | Pat
         "seconds": time.perf_counter() - t0,
         "params": asdict(tp),
     }
-    _write_features(out_dir, feats, mask, report)
+    _write_features(out_dir, feats, mask, report, data)
     return report
 
 
@@ -248,7 +248,7 @@ def extract_visual(vp: VisualFeatureParams, data_dir: str | Path, out_dir: str |
         report.update(dim=vp.dim, covered=0, coverage_pct=0.0, unreadable=[], note="features_visual.images is empty: "
                       "no posters configured, visual modality masked for every item", source_sha256={})
         report["seconds"] = time.perf_counter() - t0
-        _write_features(out_dir, feats, mask, report)
+        _write_features(out_dir, feats, mask, report, data)
         return report
     folder = Path(vp.images)
     found = _poster_files(folder)
@@ -288,7 +288,7 @@ def extract_visual(vp: VisualFeatureParams, data_dir: str | Path, out_dir: str |
     report.update(dim=int(feats.shape[1]), covered=covered, coverage_pct=100.0 * covered / data.num_items,
                   unreadable=unreadable, source_sha256={str(folder): _folder_digest(paths)},
                   seconds=time.perf_counter() - t0)
-    _write_features(out_dir, feats, mask, report)
+    _write_features(out_dir, feats, mask, report, data)
     return report
 
 
@@ -299,29 +299,40 @@ def extract_visual(vp: VisualFeatureParams, data_dir: str | Path, out_dir: str |
 WALL_CLOCK = ("seconds",)
 
 
-def _write_features(out_dir: str | Path, feats: torch.Tensor, mask: torch.Tensor, report: dict) -> None:
+def _write_features(out_dir: str | Path, feats: torch.Tensor, mask: torch.Tensor, report: dict,
+                    data: Prepared) -> None:
+    """The feature table and its report; both carry the item map they were built for (``items_sha256``)."""
+    report = {**report, "items_sha256": data.items_sha256}
     with atomic_dir(out_dir) as tmp:
         save_tensors(tmp / "features.safetensors", {"features": feats, "mask": mask},
-                     metadata={"modality": report["modality"], "model": str(report["model"])})
+                     metadata={"modality": report["modality"], "model": str(report["model"]),
+                               "items_sha256": data.items_sha256})
         write_json(tmp / "report.json", {k: v for k, v in report.items() if k not in WALL_CLOCK})
 
 
-def load_features(feature_dir: str | Path, num_items: int, expected_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [I+1, D] and mask [I+1] of a modality, checked against the prepared data."""
-    feature_dir = Path(feature_dir)
+def load_features(feature_dir: str | Path, data: Prepared, expected_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [I+1, D] and mask [I+1] of a modality, checked against the prepared data (its item map by hash,
+    then the shapes from the file's header) before any tensor is read."""
+    path = Path(feature_dir) / "features.safetensors"
     fix = "re-run `feddmmr features` for this data (`dvc repro`)"
-    t = load_tensors(feature_dir / "features.safetensors", "feature file", fix)
-    if "features" not in t or "mask" not in t:
-        raise FeddmmrError(f"{feature_dir / 'features.safetensors'} lacks 'features'/'mask' tensors; {fix}")
+    header, meta = safetensors_header(path, "feature file", fix)
+    if "features" not in header or "mask" not in header:
+        raise FeddmmrError(f"{path} lacks 'features'/'mask' tensors; {fix}")
+    built_for = meta.get("items_sha256")
+    if built_for != data.items_sha256:
+        raise FeddmmrError(f"{path} was built for other prepared data (item map {str(built_for)[:12]}, the prepared "
+                           f"data's {data.items_sha256[:12]}); {fix}")
+    (rows, *dims), (mask_rows, *mask_dims) = header["features"][1], header["mask"][1]
+    if len(dims) != 1 or mask_dims or rows != mask_rows or rows != data.num_items + 1:
+        raise FeddmmrError(f"{path} holds features {[rows, *dims]} and mask {[mask_rows, *mask_dims]}, the prepared "
+                           f"data needs [{data.num_items + 1}, D] and [{data.num_items + 1}]; {fix}")
+    if expected_dim is not None and dims[0] != expected_dim:
+        raise FeddmmrError(f"{path} is {dims[0]}-d, expected {expected_dim}; {fix}")
+    t = load_tensors(path, "feature file", fix)
     feats, mask = t["features"], t["mask"]
-    if feats.shape[0] != num_items + 1:
-        raise FeddmmrError(f"{feature_dir / 'features.safetensors'} has {feats.shape[0] - 1} items, the prepared data "
-                           f"{num_items}; {fix}")
-    if expected_dim is not None and feats.shape[1] != expected_dim:
-        raise FeddmmrError(f"{feature_dir / 'features.safetensors'} is {feats.shape[1]}-d, expected {expected_dim}; {fix}")
     bad = (~torch.isfinite(feats).all(1)).nonzero().flatten() if feats.is_floating_point() else torch.zeros(0)
     if len(bad):
-        raise FeddmmrError(f"{feature_dir / 'features.safetensors'} has {len(bad)} rows with NaN/inf values (item "
+        raise FeddmmrError(f"{path} has {len(bad)} rows with NaN/inf values (item "
                            f"indices {bad[:5].tolist()}); {fix}")
     return feats, mask.bool()
 
@@ -341,7 +352,7 @@ def load_modalities(features_dir: str | Path, data: Prepared) -> dict[str, Modal
     out = {}
     for name in NAMES:
         d = Path(features_dir) / name
-        table, mask = load_features(d, data.num_items)
+        table, mask = load_features(d, data)
         out[name] = ModalityFeatures(table, mask, file_sha256(d / "features.safetensors"), int(table.shape[1]),
                                      float(mask[1:].float().mean()))
     if not any(f.mask[1:].any() for f in out.values()):

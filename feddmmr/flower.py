@@ -118,7 +118,7 @@ def node_partition(node_config: dict) -> tuple[Path, int, int]:
 
 def _fingerprint(data: Prepared) -> dict:
     return json.loads(json.dumps({"source_sha256": data.meta["source_sha256"], "num_users": data.num_users,
-                                  "num_items": data.num_items}))
+                                  "num_items": data.num_items, "items_sha256": data.items_sha256}))
 
 
 client_app = ClientApp()

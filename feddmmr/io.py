@@ -9,10 +9,12 @@ the kernel releases it when its process dies, however it dies.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -37,6 +39,8 @@ def _umask() -> int:
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; move it onto ``dest`` only if the block succeeds."""
     dest = Path(dest)
+    if dest.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(dest))
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
@@ -118,7 +122,13 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         raise FeddmmrError(f"refusing to write {path}: {len(bad)} tensors hold NaN/inf values ({', '.join(bad[:3])}); "
                            f"the run diverged")
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except Exception as exc:   # safetensors reports a failed write as SafetensorError: "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
         if metadata:
             _sort_metadata(tmp)
 
@@ -148,12 +158,47 @@ def load_tensors(path: str | os.PathLike, what: str, fix: str) -> dict[str, torc
         raise FeddmmrError(f"{what} at {path} could not be read ({exc}); {fix}") from None
 
 
+def safetensors_header(path: str | os.PathLike, what: str, fix: str) -> tuple[dict[str, tuple[str, list[int]]], dict]:
+    """({tensor: (dtype, shape)}, metadata) from a safetensors file's header, without reading any tensor:
+    what a loader checks before it allocates anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeddmmrError(f"{what} not found: {path} ({fix})")
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= min(100 << 20, path.stat().st_size - 8):
+                raise ValueError(f"header size {size} does not fit the file")
+            header = json.loads(f.read(size))
+        meta = header.pop("__metadata__", None) or {}
+        tensors = {k: (str(v["dtype"]), [int(d) for d in v["shape"]]) for k, v in header.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FeddmmrError(f"{what} at {path} is not a safetensors file ({exc}); {fix}") from None
+    return tensors, meta
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def os_error_line(exc: OSError) -> tuple[str, int]:
+    """A failed read or write as one line with its fix, and the exit status: 5 when the machine failed (disk full,
+    I/O error: running again may pass), 2 when the path is the problem (permissions, a path below a file)."""
+    where = f" {exc.filename}" if exc.filename else ""
+    what = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"cannot write{where}: {what}; free some space or write elsewhere (--out), then run the command "
+                f"again (a training stage resumes after its last finished round; nothing half-written was kept)", 5)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write{where}: {what}; choose a folder you can write (--out) or fix its permissions", 2
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return (f"cannot use{where} as an output: {what} (a part of the path is a file, or the path is a folder); "
+                f"choose another path (--out)", 2)
+    return f"input/output error{where}: {what}; check the disk and run the command again", 5
 
 
 def lock_path(path: str | os.PathLike) -> Path:

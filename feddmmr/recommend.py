@@ -12,6 +12,7 @@ a new user), ``rank`` (1 = best), ``item`` (original id), ``title`` ("" where th
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,19 @@ from .model import FedDMMR
 
 COLUMNS = ["request", "user", "rank", "item", "title", "score"]
 NEW_USER = -1
+
+
+def exact_id(value, what: str) -> int:
+    """An id as an exact int: 7, '7', 7.0 and '7.0' are 7; 1.5, '1e3', true, '' and lists are refused."""
+    if isinstance(value, (bool, np.bool_)):
+        raise FeddmmrError(f"{what} {value!r} is not an integer id")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+(?:\.0*)?\s*", value):
+        return int(value.strip().split(".")[0])
+    raise FeddmmrError(f"{what} {value!r} is not an integer id; ids are whole numbers, as in the training data")
 
 
 class Recommender:
@@ -47,28 +61,30 @@ class Recommender:
 
     # ------------------------------------------------------------------ ids
     def users(self, raw_users) -> list[int]:
-        unknown = [u for u in raw_users if int(u) not in self.user_index]
+        raw_users = [exact_id(u, "user id") for u in raw_users]
+        unknown = [u for u in raw_users if u not in self.user_index]
         if unknown:
             raise FeddmmrError(f"unknown user id {unknown[0]} ({len(unknown)} unknown in all); known users are the "
                                f"{len(self.user_index)} of the prepared data (e.g. {int(self.data.user_raw[0])}); "
                                f"recommend for a new user with --history")
-        return [self.user_index[int(u)] for u in raw_users]
+        return [self.user_index[u] for u in raw_users]
 
     def history(self, raw_items) -> np.ndarray:
-        unknown = [i for i in raw_items if int(i) not in self.item_index]
+        raw_items = [exact_id(i, "item id") for i in raw_items]
+        unknown = [i for i in raw_items if i not in self.item_index]
         if unknown:
             raise FeddmmrError(f"unknown item id {unknown[0]} in the history; the model knows the "
                                f"{len(self.item_index)} items of the prepared data (e.g. {int(self.data.item_raw[0])})")
         if not len(raw_items):
             raise FeddmmrError("an empty history: give at least one item id the user interacted with, oldest first")
-        return np.array([self.item_index[int(i)] for i in raw_items], dtype=np.int64)
+        return np.array([self.item_index[i] for i in raw_items], dtype=np.int64)
 
     # ------------------------------------------------------------------ recommendations
     def for_users(self, raw_users, k: int = 10, include_known: bool = False) -> pd.DataFrame:
         """Top-k for users of the training data (original ids)."""
         users = self.users(raw_users)
         seqs = [self.data.sequence(u) for u in users]
-        return self._recommend(seqs, users, [int(r) for r in raw_users], k, include_known)
+        return self._recommend(seqs, users, [exact_id(r, "user id") for r in raw_users], k, include_known)
 
     def for_histories(self, histories, k: int = 10, include_known: bool = False) -> pd.DataFrame:
         """Top-k for new users, each an item history (original ids, oldest first) and an empty memory."""
@@ -126,14 +142,21 @@ def read_users(path: str | Path) -> list[int]:
     path = Path(path)
     if not path.is_file():
         raise FeddmmrError(f"users file not found: {path}; give a JSON list or one user id per line")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FeddmmrError(f"{path} is not UTF-8 text (byte {exc.start}); give a JSON list or one user id per line") from None
+    except IsADirectoryError:
+        raise FeddmmrError(f"{path} is a directory; give a file with a JSON list or one user id per line") from None
     try:
         values = json.loads(text) if path.suffix.lower() == ".json" else \
             [line.split(",")[0].strip() for line in text.splitlines() if line.strip()]
         if values and not path.suffix.lower() == ".json" and values[0].lower() in ("user", "user_id"):
             values = values[1:]
-        users = [int(v) for v in values]
-    except (ValueError, TypeError) as exc:
+        if not isinstance(values, list):
+            raise TypeError(f"a JSON {type(values).__name__}")
+        users = [exact_id(v, "user id") for v in values]
+    except (ValueError, TypeError, FeddmmrError) as exc:
         raise FeddmmrError(f"{path}: not a list of user ids ({exc}); give a JSON list or one user id per line") from None
     if not users:
         raise FeddmmrError(f"{path} holds no user ids")
@@ -141,10 +164,14 @@ def read_users(path: str | Path) -> list[int]:
 
 
 def parse_history(text: str) -> list[int]:
+    """--history's item ids (comma or space separated, oldest first); at least one."""
     try:
-        return [int(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise FeddmmrError(f"--history {text!r}: give original item ids, oldest first, e.g. --history 1193,661,914") from None
+        items = [exact_id(v, "item id") for v in text.replace(",", " ").split()]
+    except FeddmmrError:
+        items = []
+    if not items:
+        raise FeddmmrError(f"--history {text!r}: give original item ids, oldest first, e.g. --history 1193,661,914")
+    return items
 
 
 def write_recommendations(frame: pd.DataFrame, path: str | Path) -> None:

@@ -53,7 +53,7 @@ def recommend_frame(rec: Recommender, frame: pd.DataFrame, k: int, include_known
     histories = frame["history"] if "history" in frame else pd.Series(dtype=object)
     has_user, has_history = users.notna(), histories.map(lambda h: h is not None and not _missing(h))
     if len(frame) and has_user.all() and not has_history.any():
-        return rec.for_users([int(u) for u in users], k, include_known)
+        return rec.for_users(list(users), k, include_known)
     if len(frame) and has_history.all() and not has_user.any():
         return rec.for_histories([list(h) for h in histories], k, include_known)
     raise FeddmmrError("each request row needs a user id or a history, and one request holds one kind: "

@@ -159,13 +159,16 @@ def _known(name: str) -> bool:
 
 
 def _check_same_data(ckpt_dir: Path, config: dict, data: Prepared) -> None:
+    """The checkpoint was trained on this prepared data: same sizes, source files, and user and item maps."""
+    was = config.get("data") or {}
     same = (config.get("num_items") == data.num_items and config.get("max_seq_len") == data.max_seq_len and
-            config.get("data", {}).get("source_sha256") == data.meta["source_sha256"] and
-            config.get("num_users") == data.num_users)
+            was.get("source_sha256") == data.meta["source_sha256"] and config.get("num_users") == data.num_users
+            and was.get("items_sha256") == data.items_sha256 and was.get("users_sha256") == data.users_sha256)
     if not same:
         raise FeddmmrError(f"{ckpt_dir} was trained on other prepared data ({config.get('num_users')} users, "
-                           f"{config.get('num_items')} items, L={config.get('max_seq_len')}) than the current "
-                           f"({data.num_users} users, {data.num_items} items, L={data.max_seq_len}); {FIX}")
+                           f"{config.get('num_items')} items, L={config.get('max_seq_len')}, item map "
+                           f"{str(was.get('items_sha256'))[:12]}) than the current ({data.num_users} users, "
+                           f"{data.num_items} items, L={data.max_seq_len}, item map {data.items_sha256[:12]}); {FIX}")
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -426,7 +429,9 @@ def model_config(params: Params, data: Prepared, data_dir, model: FedDMMR) -> di
     """What every checkpoint's config.json says of its model and data (``load_checkpoint`` rebuilds from it)."""
     return {"model": asdict(params.model), "num_items": data.num_items, "max_seq_len": data.max_seq_len,
             "num_users": data.num_users, "data": {"dir": str(data_dir), "source_sha256": data.meta["source_sha256"],
-                                                  "num_interactions": data.meta["num_interactions"]},
+                                                  "num_interactions": data.meta["num_interactions"],
+                                                  "items_sha256": data.items_sha256,
+                                                  "users_sha256": data.users_sha256},
             "model_config": asdict(model.config), "torch": torch.__version__}
 
 
@@ -576,13 +581,20 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
     return metrics
 
 
-def load_checkpoint(ckpt_dir: str | Path, data: Prepared | None = None,
-                    features_dir: str | Path = "features") -> tuple[FedDMMR, dict, MemoryBank | None]:
-    """Rebuild a stage checkpoint's model (features and client memory included), failing on any mismatch."""
+def load_checkpoint(ckpt_dir: str | Path, data: Prepared | None = None, features_dir: str | Path = "features",
+                    diverged_ok: bool = False) -> tuple[FedDMMR, dict, MemoryBank | None]:
+    """Rebuild a stage checkpoint's model (features and client memory included), failing on any mismatch.
+
+    The best finite round of a diverged run is refused unless ``diverged_ok`` (``evaluate`` says so in one line)."""
     ckpt_dir = Path(ckpt_dir)
     config = read_json(ckpt_dir / "config.json", "checkpoint config")
     if "model_config" not in config:
         raise FeddmmrError(f"{ckpt_dir / 'config.json'} has no model_config (written by an older feddmmr); {FIX}")
+    if config.get("diverged"):
+        why = f"{ckpt_dir} holds the best finite round of a diverged {config.get('stage')} run ({config['diverged'][:100]}...)"
+        if not diverged_ok:
+            raise FeddmmrError(f"{why}; train the stage again with a lower learning rate first")
+        log.warning("warning: %s", why)
     if data is not None:
         _check_same_data(ckpt_dir, config, data)
     state = load_tensors(ckpt_dir / "model.safetensors", "checkpoint weights", FIX)

@@ -33,7 +33,7 @@ from torch import nn
 
 from .client import EXECUTORS, ChunkResult, ClientPool, resolve_executor, train_chunk_sequential
 from .config import TrainParams
-from .errors import FeddmmrError
+from .errors import FeddmmrError, SystemFailure
 from .runtime import ThreadPool
 
 PR_SET_PDEATHSIG = 1
@@ -168,10 +168,10 @@ class Workers:
             raise RuntimeError(f"a training worker failed in round {rnd}: {message}\n\nin the worker:\n{trace}")
         return idx, result
 
-    def _stopped(self, conn, rnd: int) -> FeddmmrError:
+    def _stopped(self, conn, rnd: int) -> SystemFailure:
         proc = self.procs[self.conns.index(conn)]
         proc.join(timeout=5)
-        return FeddmmrError(f"a training worker (pid {proc.pid}) stopped with exit code {proc.exitcode} in round {rnd} "
+        return SystemFailure(f"a training worker (pid {proc.pid}) stopped with exit code {proc.exitcode} in round {rnd} "
                             f"(killed, or out of memory?); the round is lost: run the stage again to resume after "
                             f"the last finished round")
 

@@ -49,9 +49,10 @@ def dataset_overrides(dataset: str, data_root: str) -> list[str]:
 
 
 def transient(task_, task_run, state) -> bool:
-    """Retry what may pass (I/O, a killed process: the stage resumes); never a bad input (2) or divergence (3)."""
+    """Retry what may pass (I/O, a killed process, exit 5: the stage resumes); never a bad input (2) or divergence (3)."""
     exc = state.result(raise_on_failure=False)
-    return not (isinstance(exc, FeddmmrError) or isinstance(exc, StepFailed) and exc.exit_code in (2, 3))
+    return not (isinstance(exc, FeddmmrError) and not exc.retryable
+                or isinstance(exc, StepFailed) and exc.exit_code in (2, 3))
 
 
 @task(name="workspace", task_run_name="workspace", cache_policy=NO_CACHE)

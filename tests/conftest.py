@@ -112,16 +112,17 @@ def wait_for_http(url: str, proc, what: str, timeout: float = 300) -> None:
             time.sleep(1)
 
 
-def write_tiny_features(root: Path, num_items: int, text_dim: int = 24, visual_dim: int = 16, seed: int = 0,
+def write_tiny_features(root: Path, data, text_dim: int = 24, visual_dim: int = 16, seed: int = 0,
                         visual: bool = True) -> Path:
-    """Random unit-norm feature files in the layout `feddmmr features` writes (root/text, root/visual).
+    """Random unit-norm feature files in the layout `feddmmr features` writes (root/text, root/visual), built for
+    the prepared data ``data`` (a Prepared).
 
     Every fifth item has no text and every third no poster, so the masked paths are exercised.
     """
     import torch
 
     from feddmmr.io import save_tensors
-    g = torch.Generator().manual_seed(seed)
+    g, num_items = torch.Generator().manual_seed(seed), data.num_items
     for modality, dim, every in (("text", text_dim, 5), ("visual", visual_dim, 3)):
         feats = torch.nn.functional.normalize(torch.randn(num_items + 1, dim, generator=g), dim=-1)
         mask = torch.ones(num_items + 1, dtype=torch.bool)
@@ -130,7 +131,8 @@ def write_tiny_features(root: Path, num_items: int, text_dim: int = 24, visual_d
         if modality == "visual" and not visual:
             mask[:] = False
         (root / modality).mkdir(parents=True, exist_ok=True)
-        save_tensors(root / modality / "features.safetensors", {"features": feats * mask.unsqueeze(-1), "mask": mask})
+        save_tensors(root / modality / "features.safetensors", {"features": feats * mask.unsqueeze(-1), "mask": mask},
+                     metadata={"items_sha256": data.items_sha256})
     return root
 
 

@@ -59,8 +59,17 @@ def test_prepare_train_evaluate_end_to_end(tmp_path, tiny_csv):
     (["train", "--data", "/nonexistent"], "prepared data not found: /nonexistent/sequences.npz"),
     (["evaluate", "--checkpoint", "/nonexistent"], "not found"),
     (["prepare", "--params", "/nonexistent.yaml"], "params file not found"),
+    (["prepare", "--params", "typo.yaml"], "unknown section 'pretrain_sasrc' (did you mean pretrain_sasrec?)"),
+    (["prepare", "--params", "latin1.yaml"], "latin1.yaml is not UTF-8 text"),
+    (["prepare", "-S", "pretrain_sasrec.rounsd=3"], "unknown key pretrain_sasrec.rounsd (did you mean rounds?)"),
+    (["prepare", "-S", "pretrain_sasrec.seed=-1"], "pretrain_sasrec.seed must be >= 0"),
+    (["prepare", "-S", "pretrain_sasrec.rounds=[1"], "the value is not valid YAML"),
+    (["prepare", "-S", "pretrain_sasrec.num_negatives=10000000"], "num_negatives must be at most 100,000"),
+    (["prepare", "-S", "model.hidden=1000000"], "model.hidden must be at most 8,192"),
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, args, message):
+    (tmp_path / "typo.yaml").write_text("pretrain_sasrc:\n  rounds: 29\n")
+    (tmp_path / "latin1.yaml").write_bytes("prepare:\n  path: caf\xe9.csv\n".encode("latin-1"))
     r = feddmmr(*args, cwd=tmp_path)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
@@ -88,7 +97,7 @@ def test_cuda_device_without_gpu_is_a_clear_error(tmp_path, tiny_prepared):
 
 def test_three_stage_chain_through_the_cli(tmp_path, tiny_prepared):
     from conftest import write_tiny_features
-    feats = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared).num_items)
+    feats = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared))
     stage_args = [f"-S {s}.{k}={v}".split(" ", 1) for s in ("align_projectors", "finetune_moe")
                   for k, v in (("rounds", 2), ("client_fraction", 0.5), ("batch_size", 2), ("num_negatives", 4))]
     common = [*TINY, *[a for pair in stage_args for a in pair], "-S", "memory.st_capacity=3",
@@ -132,3 +141,38 @@ def test_help_and_parameter_errors_answer_without_loading_torch_or_mlflow():
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert r.stdout.split() == ["2", "[]"], r.stdout + r.stderr
     assert "pretrain_sasrec.lr must be > 0" in r.stderr
+
+
+@pytest.mark.parametrize("command", [["prepare"], ["features", "visual"], ["train"]])
+def test_an_output_below_a_file_is_one_line(tmp_path, tiny_prepared, tiny_csv, command):
+    """--out README.md/x used to end in a FileExistsError traceback."""
+    (tmp_path / "README.md").write_text("a file\n")
+    extra = ["-S", f"prepare.path={tiny_csv}", "-S", "prepare.eval_negatives=20"] if command == ["prepare"] \
+        else ["--data", str(tiny_prepared)]
+    r = feddmmr(*command, "--out", "README.md/x", *extra, *TINY, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("feddmmr: error: cannot use") and "README.md" in r.stderr and "--out" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (tmp_path / "README.md").read_text() == "a file\n"
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs: a real ENOSPC (needs root and mount, as on CI; skipped elsewhere, saying why)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({r.stderr.strip()[:80]})")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_one_line_with_its_own_status_and_leaves_nothing(tmp_path, tiny_prepared, full_disk):
+    r = feddmmr("train", "--data", str(tiny_prepared), "--out", str(full_disk / "ck"), "--metrics",
+                str(full_disk / "m.json"), *TINY, "-S", "pretrain_sasrec.rounds=1", "-S", "model.hidden=64",
+                "-S", "model.heads=2", "-S", "model.ffn_hidden=64", cwd=tmp_path)
+    assert r.returncode == 5, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("feddmmr: error: cannot write") and "No space left on device" in last
+    assert "run the command again" in last and "Traceback" not in r.stderr and r.stderr.count("error") == 1
+    assert not (full_disk / "ck").exists() and not list(full_disk.glob(".*.tmp"))

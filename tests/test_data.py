@@ -88,7 +88,10 @@ def test_ml100k_and_csv_readers(tmp_path):
     ("missing", None, "not found"),
     ("wrong separator", "1,2,3,4\n", "not separated by"),
     ("empty", "", "empty"),
-    ("non-numeric", "1::2::5::100\nabc::3::4::101\n", "non-numeric user 'abc'"),
+    ("non-numeric", "1::2::5::100\nabc::3::4::101\n", "user id 'abc' in data row 2 is not an integer"),
+    ("fractional id", "1::2::5::100\n1::2.5::4::101\n", "item id '2.5' in data row 2 is not an integer"),
+    ("beyond int64", "1::2::5::100\n9223372036854775808::3::4::101\n",
+     "user id 9223372036854775808 in data row 2 does not fit a signed 64-bit integer"),
 ])
 def test_bad_ml1m_input_fails_with_one_line_and_writes_nothing(tmp_path, case, content, message):
     folder = tmp_path / "ml-1m"
@@ -101,6 +104,55 @@ def test_bad_ml1m_input_fails_with_one_line_and_writes_nothing(tmp_path, case, c
     assert "ratings.dat" in str(err.value) and "\n" not in str(err.value)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [folder]  # no temporary leftovers
+
+
+def test_ids_are_exact_integers_never_floats(tmp_path):
+    """Ids near 2^53 beside a '5.0' used to go through float64 and merge (400 items became 202)."""
+    big = 2 ** 53
+    c = tmp_path / "ids.csv"
+    rows = [f"{big + u},{big + i},{u * 10 + i}" for u in range(1, 4) for i in range(1, 7)] + ["1,5.0,1"]
+    c.write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+    frame = read_interactions("csv", c)
+    assert frame["item"].nunique() == 7 and frame["user"].nunique() == 4
+    assert sorted(set(frame["item"].tolist())) == [5] + [big + i for i in range(1, 7)]
+    prepare(PrepareParams(source="csv", path=str(c), eval_negatives=0, min_user_interactions=3), tmp_path / "p")
+    data = load_prepared(tmp_path / "p")
+    assert sorted(data.user_raw.tolist()) == [big + u for u in range(1, 4)]    # user_map.csv keeps them exact
+
+
+def test_ids_beyond_int64_are_refused_not_merged(tmp_path):
+    """1e20 + u used to merge every user into one (and 2^63 + k came back negative in user_map.csv)."""
+    c = tmp_path / "ids.csv"
+    c.write_text("user,item,timestamp\n" + "\n".join(f"{10 ** 20 + u},{i},{i}" for u in range(3) for i in range(5)))
+    with pytest.raises(FeddmmrError, match=r"user id 100000000000000000000 in data row 1 does not fit"):
+        read_interactions("csv", c)
+
+
+def test_a_csv_line_with_extra_columns_is_one_line(tmp_path):
+    c = tmp_path / "x.csv"
+    c.write_text("user,item,timestamp\n1,2,3\n1,3,4,9,9\n")
+    with pytest.raises(FeddmmrError, match=r"x.csv: .*Expected 3 fields in line 3, saw 5") as err:
+        read_interactions("csv", c)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("corrupt npz", "sequences.npz could not be read"),
+    ("no user map", "user_map.csv is missing"),
+    ("short item map", "do not agree"),
+])
+def test_damaged_prepared_data_is_one_line(tiny_csv, tmp_path, damage, message):
+    out = tmp_path / "prepared"
+    prepare(PrepareParams(source="csv", path=str(tiny_csv), eval_negatives=5), out)
+    if damage == "corrupt npz":
+        (out / "sequences.npz").write_bytes((out / "sequences.npz").read_bytes()[:200])
+    elif damage == "no user map":
+        (out / "user_map.csv").unlink()
+    else:
+        lines = (out / "item_map.csv").read_text().splitlines()
+        (out / "item_map.csv").write_text("\n".join(lines[:-3]) + "\n")
+    with pytest.raises(FeddmmrError, match=message):
+        load_prepared(out)
 
 
 def test_failed_prepare_keeps_previous_output(tmp_path, tiny_csv):

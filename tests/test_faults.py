@@ -73,7 +73,7 @@ def one_line(stderr):
 def chain(tiny_prepared, tmp_path_factory):
     """Stages 1-2 trained, with tiny features: the start of a finetune_moe run."""
     root = tmp_path_factory.mktemp("faults")
-    feats = write_tiny_features(root / "features", load_prepared(tiny_prepared).num_items)
+    feats = write_tiny_features(root / "features", load_prepared(tiny_prepared))
     p = tiny_stage_params(rounds=2)
     p.tracking.enabled = False
     for stage in ("pretrain_sasrec", "align_projectors"):
@@ -170,7 +170,7 @@ def test_diverging_learning_rate_fails_and_keeps_the_best_finite_round(chain, ti
 
 
 def test_nan_feature_rows_are_refused_with_the_file(chain, tiny_prepared, tmp_path):
-    feats = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared).num_items)
+    feats = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared))
     t = load_tensors(feats / "text" / "features.safetensors", "f", "")
     t["features"][3] = float("nan")
     save_file(t, str(feats / "text" / "features.safetensors"))

@@ -41,7 +41,7 @@ def test_text_features_real_minilm(ml1m_like, tmp_path):
     report = extract_text(PrepareParams(source="ml-1m", path=str(folder)), TextFeatureParams(), prepared,
                           tmp_path / "text", progress=False)
     assert report["dim"] == 384 and report["covered"] == 5 and report["items"] == 6
-    feats, mask = load_features(tmp_path / "text", 6, 384)
+    feats, mask = load_features(tmp_path / "text", load_prepared(prepared), 384)
     assert mask.tolist() == [False, True, True, True, True, True, False]
     assert torch.count_nonzero(feats[0]) == 0 and torch.count_nonzero(feats[6]) == 0  # padding, missing: zeros
     assert torch.allclose(feats[1:6].norm(dim=1), torch.ones(5), atol=1e-4)
@@ -81,7 +81,7 @@ def test_visual_features_tiny_clip_detects_real_type_and_masks_missing(ml1m_like
     report = extract_visual(VisualFeatureParams(model="feddmmr-tiny-clip", pretrained="none", images=str(posters),
                                                 batch_size=2), prepared, tmp_path / "vis", progress=False)
     assert report["covered"] == 4 and report["unreadable"] == ["5.jpg"] and report["dim"] == 32
-    feats, mask = load_features(tmp_path / "vis", 6, 32)
+    feats, mask = load_features(tmp_path / "vis", load_prepared(prepared), 32)
     assert mask.tolist() == [False, True, True, True, True, False, False]
     assert torch.allclose(feats[mask].norm(dim=1), torch.ones(4), atol=1e-4)
     assert torch.count_nonzero(feats[~mask]) == 0
@@ -99,15 +99,38 @@ def test_visual_without_posters_is_explicitly_masked(ml1m_like, tmp_path):
     _, prepared = ml1m_like
     report = extract_visual(VisualFeatureParams(), prepared, tmp_path / "vis", progress=False)
     assert report["covered"] == 0 and "no posters configured" in report["note"]
-    feats, mask = load_features(tmp_path / "vis", 6, 512)
+    feats, mask = load_features(tmp_path / "vis", load_prepared(prepared), 512)
     assert not mask.any() and torch.count_nonzero(feats) == 0
 
 
 def test_feature_file_mismatch_names_file(ml1m_like, tmp_path):
     _, prepared = ml1m_like
     extract_visual(VisualFeatureParams(dim=8), prepared, tmp_path / "vis", progress=False)
-    with pytest.raises(FeddmmrError, match="features.safetensors has 6 items, the prepared data 7"):
-        load_features(tmp_path / "vis", 7)
+    with pytest.raises(FeddmmrError, match="features.safetensors is 8-d, expected 16"):
+        load_features(tmp_path / "vis", load_prepared(prepared), 16)
+
+
+def test_features_of_other_data_with_the_same_item_count_are_refused(ml1m_like, tmp_path):
+    """Six items here, six items there, other movies: the row count matches, the item map does not."""
+    folder, prepared = ml1m_like
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ratings.dat").write_text("\n".join(f"{u}::{i}::4::{u * 100 + i}" for u in (1, 2, 3)
+                                                 for i in (11, 12, 13, 14, 15, 16)) + "\n")
+    prepare(PrepareParams(source="ml-1m", path=str(other), eval_negatives=0), other / "prepared")
+    extract_visual(VisualFeatureParams(dim=8), other / "prepared", tmp_path / "vis", progress=False)
+    assert load_prepared(other / "prepared").num_items == load_prepared(prepared).num_items
+    load_features(tmp_path / "vis", load_prepared(other / "prepared"))
+    with pytest.raises(FeddmmrError, match="was built for other prepared data .item map"):
+        load_features(tmp_path / "vis", load_prepared(prepared))
+
+
+def test_a_file_that_is_not_safetensors_is_one_line(ml1m_like, tmp_path):
+    _, prepared = ml1m_like
+    (tmp_path / "vis").mkdir()
+    (tmp_path / "vis" / "features.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(FeddmmrError, match="is not a safetensors file"):
+        load_features(tmp_path / "vis", load_prepared(prepared))
 
 
 @pytest.mark.realdata
@@ -119,7 +142,7 @@ def test_real_ml1m_posters_with_tiny_clip(tmp_path):
     report = extract_visual(VisualFeatureParams(model="feddmmr-tiny-clip", pretrained="none", images=str(posters),
                                                 batch_size=256), tmp_path / "p", tmp_path / "vis", progress=False)
     assert report["covered"] >= 0.99 * data.num_items
-    feats, mask = load_features(tmp_path / "vis", data.num_items, 32)
+    feats, mask = load_features(tmp_path / "vis", data, 32)
     assert torch.allclose(feats[mask].norm(dim=1), torch.ones(int(mask.sum())), atol=1e-4)
 
 

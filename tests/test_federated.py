@@ -135,7 +135,7 @@ def test_multimodal_executors_agree_on_weights_and_memories(setup, trainable_gro
     params.model.dropout = 0.0
     tp = params.finetune_moe
     tp.load_balance_weight = 0.1
-    feats = load_modalities(write_tiny_features(tmp_path, data.num_items), data)
+    feats = load_modalities(write_tiny_features(tmp_path, data), data)
     torch.manual_seed(0)
     model = build_model(params, data, {"visual": 16, "text": 24})
     model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
@@ -169,7 +169,7 @@ def test_trainable_tensor_without_gradient_stays_bit_identical_through_fedadam(s
     from feddmmr.stages import build_memory
     data, pool = setup
     params = tiny_stage_params()
-    feats = load_modalities(write_tiny_features(tmp_path, data.num_items, visual=False), data)
+    feats = load_modalities(write_tiny_features(tmp_path, data, visual=False), data)
     torch.manual_seed(0)
     model = build_model(params, data, {"visual": 16, "text": 24})
     model.set_features({m: (f.table, f.mask) for m, f in feats.items()})

@@ -11,6 +11,7 @@ import torch
 from conftest import write_tiny_features, write_tiny_project
 from safetensors.torch import load_file
 
+from feddmmr.data import load_prepared
 from feddmmr.errors import FeddmmrError
 from feddmmr.memory import POINTER_KEYS
 
@@ -35,7 +36,7 @@ def project(tmp_path_factory):
     root = write_tiny_project(tmp_path_factory.mktemp("flower"))
     r = feddmmr(root, "prepare")
     assert r.returncode == 0, r.stderr
-    write_tiny_features(root / "features", json.loads((root / "data/prepared/meta.json").read_text())["num_items"])
+    write_tiny_features(root / "features", load_prepared(root / "data/prepared"))
     return root
 
 

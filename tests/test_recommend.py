@@ -16,6 +16,7 @@ import pytest
 from conftest import free_port, tiny_stage_params, wait_for_http, write_tiny_features
 from feddmmr.config import MemoryParams
 from feddmmr.data import load_prepared
+from feddmmr.errors import FeddmmrError
 from feddmmr.memory import MemoryBank
 from feddmmr.metrics import Evaluator
 from feddmmr.recommend import Recommender
@@ -29,7 +30,7 @@ STAGES = ("pretrain_sasrec", "finetune_moe")   # the 2-stage path: one id-only a
 def trained(tiny_csv, tiny_prepared, tmp_path_factory):
     """Both stages trained with MLflow on (sqlite store), each logging and registering its model."""
     root = tmp_path_factory.mktemp("recommend")
-    feats = write_tiny_features(root / "features", load_prepared(tiny_prepared).num_items)
+    feats = write_tiny_features(root / "features", load_prepared(tiny_prepared))
     p = tiny_stage_params(rounds=3)
     p.prepare.path = str(tiny_csv)                 # items.csv beside it gives the titles
     p.finetune_moe.init_from = "pretrain_sasrec"
@@ -104,10 +105,29 @@ def test_include_known_and_one_line_errors(trained, tiny_prepared, tmp_path):
                           (["--history", "3,987654"], "unknown item id 987654"),
                           (["--history", "3,x"], "--history '3,x'"),
                           (["--users", str(tmp_path / "none.txt")], "users file not found"),
-                          (["--user", str(user), "-k", "0"], "k must be at least 1")):
+                          (["--user", str(user), "-k", "0"], "k must be at least 1"),
+                          (["--history", ""], "--history ''"),
+                          (["--users", "users.json"], "users.json: not a list of user ids (user id 1.5 is not an "
+                                                      "integer id"),
+                          (["--users", "latin1.txt"], "latin1.txt is not UTF-8 text"),
+                          (["--user", str(user), "--out", "."], "cannot use . as an output")):
+        (tmp_path / "users.json").write_text(f"[{user}, 1.5]")
+        (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
         r = cli(*base, *args, cwd=tmp_path)
         assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"feddmmr: error: {message}"), r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_ids_that_are_not_integers_are_refused_never_truncated(trained, tiny_prepared):
+    """A JSON user id 1.5 used to be served as user 1."""
+    rec = recommender(trained, tiny_prepared, "pretrain_sasrec")
+    user, item = int(rec.data.user_raw[0]), int(rec.data.item_raw[0])
+    assert rec.for_users([float(user)], k=3)["item"].tolist() == rec.for_users([user], k=3)["item"].tolist()
+    for bad in (user + 0.5, True, "1e3", [user]):
+        with pytest.raises(FeddmmrError, match="is not an integer id"):
+            rec.for_users([bad], k=3)
+    with pytest.raises(FeddmmrError, match="item id 2.5 is not an integer id"):
+        rec.for_histories([[item, 2.5]], k=3)
 
 
 def cli(*args, cwd, env=None):

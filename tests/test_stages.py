@@ -24,7 +24,7 @@ def chain(tiny_prepared, tmp_path_factory):
     """All three stages on tiny data with both modalities (some items masked in each)."""
     root = tmp_path_factory.mktemp("chain")
     data = load_prepared(tiny_prepared)
-    feats = write_tiny_features(root / "features", data.num_items)
+    feats = write_tiny_features(root / "features", data)
     p = _params()
     for stage in ("pretrain_sasrec", "align_projectors", "finetune_moe"):
         train_stage(stage, p, tiny_prepared, root / "ck" / stage, root / f"{stage}.json", progress=False,
@@ -146,7 +146,7 @@ def test_loading_fails_loudly_on_partial_or_mismatched_checkpoints(chain, tiny_p
 
 def test_stage3_refuses_projections_trained_on_other_features(chain, tiny_prepared, tmp_path):
     root, _ = chain
-    other = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared).num_items, seed=5)
+    other = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared), seed=5)
     with pytest.raises(FeddmmrError, match="projections were trained on other visual, text features"):
         train_stage("finetune_moe", _params(), tiny_prepared, tmp_path / "out", tmp_path / "m.json", progress=False,
                     features_dir=other, init_dir=root / "ck" / "align_projectors")

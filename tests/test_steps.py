@@ -9,7 +9,7 @@ import yaml
 from prefect.states import Completed, Crashed, Failed
 
 from conftest import REPO
-from feddmmr.errors import FeddmmrError
+from feddmmr.errors import DivergedError, FeddmmrError, SystemFailure
 from flows.stack import sync_project
 from flows.steps import STEP_FLOW, STEPS, TRAIN_STEPS, failure, step_job_variables, task_name
 from flows.workspace import Workspace, run
@@ -61,6 +61,24 @@ def test_a_failed_step_container_keeps_the_exit_code_that_decides_retries():
     no_gpu = failure("train", Crashed(message='could not select device driver "nvidia" with capabilities: [[gpu]]'))
     assert no_gpu.exit_code == 2 and "gpu=false" in str(no_gpu)
     assert Completed().is_completed() and STEP_FLOW == "feddmmr-step"
+
+
+def test_the_flow_retries_crashes_never_bad_input_or_divergence():
+    """A killed worker (exit 5, SystemFailure) is retried; it used to exit 2, the status never retried."""
+    from flows.pipeline import transient
+    from flows.workspace import StepFailed
+
+    class Ended:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def result(self, raise_on_failure):
+            return self.exc
+
+    retried = [SystemFailure("a training worker stopped"), StepFailed("train", 5, "worker killed"),
+               StepFailed("train", None, "container 137"), OSError("disk")]
+    final = [FeddmmrError("bad key"), DivergedError("nan"), StepFailed("train", 2, "bad"), StepFailed("train", 3, "nan")]
+    assert [transient(None, None, Ended(e)) for e in retried + final] == [True] * 4 + [False] * 4
 
 
 def git(*args, cwd):

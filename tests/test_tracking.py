@@ -124,7 +124,7 @@ def test_later_stages_log_load_report_param_diff_and_router_curves(tiny_prepared
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    feats = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared).num_items)
+    feats = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared))
     params = tiny_stage_params(rounds=2, keep="last")  # checkpoints hold trained weights, not round 0
     for stage in ("pretrain_sasrec", "align_projectors", "finetune_moe"):
         train_stage(stage, params, tiny_prepared, tmp_path / "ck" / stage, tmp_path / f"{stage}.json",

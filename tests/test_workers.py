@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_params, tiny_stage_params, write_tiny_features
 from feddmmr.client import ClientPool, train_round_sequential
 from feddmmr.data import load_prepared
-from feddmmr.errors import FeddmmrError
+from feddmmr.errors import FeddmmrError, SystemFailure
 from feddmmr.server import select_clients
 from feddmmr.stages import build_memory, build_model
 from feddmmr.workers import Workers
@@ -73,7 +73,7 @@ def test_worker_processes_feed_the_same_memories(setup, tmp_path):
     data, pool = setup
     params = tiny_stage_params(clients_per_chunk=4)
     tp = params.finetune_moe
-    feats = load_modalities(write_tiny_features(tmp_path, data.num_items), data)
+    feats = load_modalities(write_tiny_features(tmp_path, data), data)
     torch.manual_seed(0)
     model = build_model(params, data, {"visual": 16, "text": 24})
     model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
@@ -104,8 +104,10 @@ def test_a_failing_worker_raises_its_error_and_a_killed_one_names_itself(setup, 
     with Workers(model, pool, 2) as workers:
         procs = list(workers.procs)
         os.kill(procs[1].pid, signal.SIGKILL)
-        with pytest.raises(FeddmmrError, match=r"a training worker \(pid \d+\) stopped with exit code -9 in round 1"):
+        with pytest.raises(SystemFailure, match=r"a training worker \(pid \d+\) stopped with exit code -9 in round 1") \
+                as killed:
             train_round_sequential(model, clients, pool, 1, tp, workers=workers)
+        assert killed.value.retryable and killed.value.exit_code == 5   # a crash, retried by the flow; not bad input
         with pytest.raises(FeddmmrError, match="the training workers were stopped"):   # never a stale answer
             train_round_sequential(model, clients, pool, 2, tp, workers=workers)
     assert not any(p.is_alive() for p in procs)
@@ -120,7 +122,7 @@ def test_a_chunk_sent_to_a_worker_is_small_whatever_the_round_size(setup, tmp_pa
     from feddmmr.features import load_modalities
     data, _ = setup
     params = tiny_stage_params()
-    memory = build_memory(params, data, load_modalities(write_tiny_features(tmp_path, data.num_items), data))
+    memory = build_memory(params, data, load_modalities(write_tiny_features(tmp_path, data), data))
     users = list(range(data.num_users))
     chunks = client_chunks(users, memory, 4)
     assert [u for c in chunks for u in c[0]] == users
