@@ -26,7 +26,7 @@ import torch
 
 from .config import PrepareParams
 from .errors import FeddmmrError
-from .io import atomic_dir, file_sha256, read_json, write_json
+from .io import atomic_dir, exclusive, file_sha256, read_json, write_json
 
 SOURCES = ("ml-1m", "ml-100k", "csv")
 COLUMN_ALIASES = {
@@ -287,9 +287,15 @@ def sample_eval_negatives(items: np.ndarray, offsets: np.ndarray, num_items: int
 
 
 def prepare(params: PrepareParams, out_dir: str | Path) -> dict:
-    """Ingest ``params.path``, build the subset and write the prepared directory atomically."""
+    """Ingest ``params.path``, build the subset and write the prepared directory atomically; a second writer of
+    ``out_dir`` is refused at once (the one-writer lock every output has)."""
     if params.max_seq_len < 2:
         raise FeddmmrError("prepare.max_seq_len must be >= 2")
+    with exclusive(out_dir):
+        return _prepare(params, out_dir)
+
+
+def _prepare(params: PrepareParams, out_dir: str | Path) -> dict:
     frame = read_interactions(params.source, params.path)
     items, offsets, user_raw, item_raw = build_sequences(frame, params.top_k_users, params.min_user_interactions)
     negatives = sample_eval_negatives(items, offsets, len(item_raw), params.eval_negatives, params.seed)

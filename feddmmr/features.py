@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .config import Params, PrepareParams, TextFeatureParams, VisualFeatureParams, resolve_device
 from .data import Prepared, load_prepared, read_member
 from .errors import FeddmmrError
-from .io import atomic_dir, file_sha256, load_tensors, safetensors_header, save_tensors, write_json
+from .io import atomic_dir, exclusive, file_sha256, load_tensors, safetensors_header, save_tensors, write_json
 from .modalities import NAMES
 
 log = logging.getLogger("feddmmr")
@@ -362,8 +362,10 @@ def load_modalities(features_dir: str | Path, data: Prepared) -> dict[str, Modal
 
 
 def extract(modality: str, params: Params, data_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
-    """Run the extractor of ``modality`` with its params section ``features_<modality>``."""
-    return EXTRACTORS[modality](params, data_dir, out_dir, progress)
+    """Run the extractor of ``modality`` with its params section ``features_<modality>``, holding ``out_dir``'s
+    one-writer lock."""
+    with exclusive(out_dir):
+        return EXTRACTORS[modality](params, data_dir, out_dir, progress)
 
 
 EXTRACTORS = {

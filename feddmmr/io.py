@@ -9,6 +9,7 @@ the kernel releases it when its process dies, however it dies.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -35,6 +36,45 @@ def _umask() -> int:
     return mask
 
 
+def _step(name: str) -> None:
+    """A point of an atomic swap (``written``, ``exchanged``, ``moved aside``, ``moved in``): the fault-injection
+    tests end the process abruptly here to prove that every point leaves a whole old or new output."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def settle(dest: str | os.PathLike) -> None:
+    """Recover or clean what a killed writer of ``dest`` left beside it (its pid is in the names): a whole old
+    output moved aside (``.<name>.<pid>.old``) is moved back when ``dest`` is missing, else removed; a half-written
+    ``.<name>.<pid>.*.tmp`` is removed. A leftover of a living process is left alone."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return
+    name = re.escape(dest.name)      # .<name>.<pid>.old | .<name>.<pid>.<8 random>.tmp | .<name>.old-<pid> (older feddmmr)
+    pattern = re.compile(rf"\.{name}\.(\d+)\.(old|[a-z0-9_]{{8}}\.tmp)|\.{name}\.(old)-(\d+)")
+    for left in sorted(dest.parent.iterdir(), key=lambda f: not re.search(r"\.old(-\d+)?$", f.name)):  # old first
+        match = pattern.fullmatch(left.name)
+        if match is None:
+            continue
+        pid, kind = (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+        if _alive(int(pid)):
+            continue
+        if kind == "old" and not dest.exists():
+            os.replace(left, dest)
+        elif left.is_dir() and not left.is_symlink():
+            shutil.rmtree(left, ignore_errors=True)
+        else:
+            left.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; move it onto ``dest`` only if the block succeeds."""
@@ -42,7 +82,8 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     if dest.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(dest))
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    settle(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -67,29 +108,56 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the C library or
+    the file system lacks it."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory; it replaces ``dest`` as a whole only on success.
 
-    ``durable``: fsync the files before the swap and the parent after it.
+    The swap is one atomic exchange of the two folders where the platform has it (Linux), so that a kill at any
+    point leaves the whole old or the whole new ``dest``; elsewhere the old folder is moved aside first and a kill
+    between the two renames is recovered by ``settle`` at the next write or read. ``durable``: fsync the files
+    before the swap and the parent after it.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    settle(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if durable:
             _fsync_tree(tmp)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        _step("written")
+        if dest.exists() and _exchange(tmp, dest):     # tmp now holds the old output, removed below
+            _step("exchanged")
+        elif dest.exists():
+            old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
             os.replace(dest, old)
-        os.replace(tmp, dest)
+            _step("moved aside")
+            os.replace(tmp, dest)
+            _step("moved in")
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+            _step("moved in")
         if durable:
             _fsync_tree(dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .errors import FeddmmrError
-from .io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from .io import atomic_dir, load_tensors, read_json, save_tensors, settle, write_json
 
 log = logging.getLogger("feddmmr")
 PACKAGE = Path(__file__).resolve().parent
@@ -101,6 +101,7 @@ class ResumeState:
 
     def load(self) -> tuple[Progress, dict[str, dict[str, torch.Tensor]]] | None:
         """The saved state, or None when there is none or it belongs to another run (then it is discarded)."""
+        settle(self.dir)              # a writer killed mid-swap: its whole old state comes back
         meta_file = self.dir / "state.json"
         if not meta_file.is_file():
             return None

@@ -103,7 +103,7 @@ def test_bad_ml1m_input_fails_with_one_line_and_writes_nothing(tmp_path, case, c
         prepare(PrepareParams(source="ml-1m", path=str(folder)), out)
     assert "ratings.dat" in str(err.value) and "\n" not in str(err.value)
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == [folder]  # no temporary leftovers
+    assert sorted(tmp_path.iterdir()) == [tmp_path / ".prepared.lock", folder]  # the lock, no temporary leftovers
 
 
 def test_ids_are_exact_integers_never_floats(tmp_path):
@@ -153,6 +153,16 @@ def test_damaged_prepared_data_is_one_line(tiny_csv, tmp_path, damage, message):
         (out / "item_map.csv").write_text("\n".join(lines[:-3]) + "\n")
     with pytest.raises(FeddmmrError, match=message):
         load_prepared(out)
+
+
+def test_a_second_prepare_into_the_same_output_is_refused_at_once(tmp_path, tiny_csv):
+    """Two `feddmmr prepare --out x` used to race (OSError: Directory not empty)."""
+    from feddmmr.io import exclusive
+    out = tmp_path / "prepared"
+    with exclusive(out):                     # another process holds it (flock is per open file: same effect)
+        with pytest.raises(FeddmmrError, match="prepared is being written by pid"):
+            prepare(PrepareParams(source="csv", path=str(tiny_csv), eval_negatives=5), out)
+    assert not out.exists()
 
 
 def test_failed_prepare_keeps_previous_output(tmp_path, tiny_csv):

@@ -152,3 +152,14 @@ def test_real_ml1m_plots_and_dbpedia_abstracts_parse():
     assert len(plots) >= 3600 and "toys" in plots[1].lower()  # Toy Story's plot
     abstracts = read_descriptions(shared("text/ml1m_dbpedia_abstracts.json"))
     assert len(abstracts) >= 3300
+
+
+def test_a_second_writer_of_a_feature_folder_is_refused_at_once(ml1m_like, tmp_path):
+    from feddmmr.config import Params
+    from feddmmr.features import extract
+    from feddmmr.io import exclusive
+    _, prepared = ml1m_like
+    with exclusive(tmp_path / "visual"):
+        with pytest.raises(FeddmmrError, match="visual is being written by pid"):
+            extract("visual", Params(), prepared, tmp_path / "visual", progress=False)
+    assert not (tmp_path / "visual").exists()
