@@ -232,7 +232,7 @@ def _closest(name: str, valid: set[str]) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
-def _update_section(obj: Any, section: str, values: dict[str, Any]) -> None:
+def update_section(obj: Any, section: str, values: dict[str, Any]) -> None:
     valid = {f.name for f in fields(obj)}
     for key, value in values.items():
         if key not in valid:
@@ -326,7 +326,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
                                    f"{', '.join(sorted(sections))}")
             if not isinstance(values, dict):
                 raise FeddmmrError(f"{path}: section {section!r} must be a mapping")
-            _update_section(getattr(params, section), section, values)
+            update_section(getattr(params, section), section, values)
     elif path is not None and str(path) != "params.yaml":
         raise FeddmmrError(f"params file not found: {path} (pass an existing file or omit --params for the defaults)")
     for item in overrides or []:
@@ -342,6 +342,6 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         except yaml.YAMLError as exc:
             raise FeddmmrError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); "
                                f"quote strings and close brackets, e.g. {dotted}=[1, 2]") from None
-        _update_section(getattr(params, section), section, {key: value})
+        update_section(getattr(params, section), section, {key: value})
     validate(params)
     return params

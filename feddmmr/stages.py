@@ -30,7 +30,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,11 +39,13 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .client import CLIENT_OPTIMIZERS, EXECUTORS, ClientPool, warm_memories
-from .config import MemoryParams, MultimodalTrainParams, Params, TrainParams, resolve_device, validate
+from .config import (LIMITS, MemoryParams, MultimodalTrainParams, Params, TrainParams, resolve_device, update_section,
+                     validate)
 from .data import Prepared, load_prepared
 from .errors import DivergedError, FeddmmrError, TrackingIncomplete
 from .features import ModalityFeatures, item_titles, load_modalities
-from .io import atomic_dir, exclusive, file_sha256, load_tensors, nonfinite, read_json, save_tensors, write_json
+from .io import (atomic_dir, exclusive, file_sha256, load_tensors, nonfinite, read_json, safetensors_header,
+                 save_tensors, write_json)
 from .memory import MemoryBank, combined_features, read_pointer
 from .metrics import Evaluator, pick
 from .model import GROUPS, FedDMMR, FedDMMRConfig, group_of
@@ -581,6 +583,55 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
     return metrics
 
 
+_CONFIG_INTS = ("num_items", "max_seq_len", "hidden", "blocks", "heads", "ffn_hidden", "router_hidden")
+_CONFIG_LIMITS = {"num_items": 100_000_000, "max_seq_len": 4096, **{k: v for k, v in LIMITS.items()
+                                                                     if k in _CONFIG_INTS}}
+
+
+def checked_model_config(ckpt_dir: Path, raw) -> FedDMMRConfig:
+    """A checkpoint's ``model_config``, checked against its schema and bounds and then against the tensor shapes in
+    ``model.safetensors``'s header (a model built on the meta device allocates nothing), before any weight is
+    read or any memory allocated: a crafted config.json is one line, never a traceback or terabytes."""
+    path = ckpt_dir / "config.json"
+    names = [f.name for f in fields(FedDMMRConfig)]
+    if not isinstance(raw, dict) or sorted(raw) != sorted(names):
+        keys = sorted(raw) if isinstance(raw, dict) else raw
+        raise FeddmmrError(f"{path}: model_config must hold exactly {', '.join(names)}; it holds {keys}; {FIX}")
+    bad = [k for k in _CONFIG_INTS if not (type(raw[k]) is int and 1 <= raw[k] <= _CONFIG_LIMITS.get(k, 1 << 20))]
+    bad += [k for k in ("dropout", "gating_init") if type(raw[k]) not in (int, float) or not math.isfinite(raw[k])]
+    dims = raw["feature_dims"]
+    if not isinstance(dims, dict) or not all(type(v) is int and 1 <= v <= LIMITS["dim"] for v in dims.values()) \
+            or not set(dims) <= set(NAMES):
+        bad.append("feature_dims")
+    if not bad and raw["hidden"] % raw["heads"]:
+        bad.append("hidden (a multiple of heads)")
+    if bad:
+        raise FeddmmrError(f"{path}: model_config has invalid {', '.join(bad)} "
+                           f"({', '.join(f'{k.split()[0]}={raw[k.split()[0]]!r}' for k in bad)}); {FIX}")
+    config = FedDMMRConfig(**raw)
+    header, _ = safetensors_header(ckpt_dir / "model.safetensors", "checkpoint weights", FIX)
+    with torch.device("meta"):
+        expected = {k: list(v.shape) for k, v in FedDMMR(config).state_dict().items()}
+    stored = {k: shape for k, (_, shape) in header.items()}
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
+    if missing or unexpected or wrong:
+        raise FeddmmrError(f"{ckpt_dir / 'model.safetensors'} does not match its config: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}; {FIX}")
+    return config
+
+
+def _memory_params(ckpt_dir: Path, raw) -> MemoryParams:
+    """A checkpoint's memory section, checked as params.yaml's is (keys, types, ranges, bounds)."""
+    params = Params()
+    try:
+        update_section(params.memory, "memory", raw if isinstance(raw, dict) else {"": raw})
+        validate(params)
+    except FeddmmrError as exc:
+        raise FeddmmrError(f"{ckpt_dir / 'config.json'}: {exc}; {FIX}") from None
+    return params.memory
+
+
 def load_checkpoint(ckpt_dir: str | Path, data: Prepared | None = None, features_dir: str | Path = "features",
                     diverged_ok: bool = False) -> tuple[FedDMMR, dict, MemoryBank | None]:
     """Rebuild a stage checkpoint's model (features and client memory included), failing on any mismatch.
@@ -597,16 +648,8 @@ def load_checkpoint(ckpt_dir: str | Path, data: Prepared | None = None, features
         log.warning("warning: %s", why)
     if data is not None:
         _check_same_data(ckpt_dir, config, data)
-    state = load_tensors(ckpt_dir / "model.safetensors", "checkpoint weights", FIX)
-    model = FedDMMR(FedDMMRConfig(**config["model_config"]))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise FeddmmrError(f"{ckpt_dir / 'model.safetensors'} does not match its config: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}; {FIX}")
-    model.load_state_dict(state, strict=True)
+    model = FedDMMR(checked_model_config(ckpt_dir, config["model_config"]))
+    model.load_state_dict(load_tensors(ckpt_dir / "model.safetensors", "checkpoint weights", FIX), strict=True)
     memory = None
     if model.multimodal:
         if data is None:
@@ -617,7 +660,7 @@ def load_checkpoint(ckpt_dir: str | Path, data: Prepared | None = None, features
             raise FeddmmrError(f"{ckpt_dir} was trained on other {', '.join(stale)} features than those in "
                                f"{features_dir}; pass --features with the stage's features or re-run it (`dvc repro`)")
         model.set_features(stage_features(feats, used=config["train"].get("modalities", NAMES)))
-        memory = MemoryBank(config["num_users"], MemoryParams(**config["memory"]))
+        memory = MemoryBank(config["num_users"], _memory_params(ckpt_dir, config.get("memory")))
         try:
             memory.load_state_dict(load_tensors(ckpt_dir / "memory.safetensors", "client memory", FIX))
         except ValueError as exc:

@@ -176,3 +176,53 @@ def test_a_full_disk_is_one_line_with_its_own_status_and_leaves_nothing(tmp_path
     assert last.startswith("feddmmr: error: cannot write") and "No space left on device" in last
     assert "run the command again" in last and "Traceback" not in r.stderr and r.stderr.count("error") == 1
     assert not (full_disk / "ck").exists() and not list(full_disk.glob(".*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, tiny_prepared):
+    from conftest import tiny_params
+    from feddmmr.stages import train_stage
+    root = tmp_path_factory.mktemp("stage1")
+    p = tiny_params(rounds=1)
+    p.tracking.enabled = False
+    train_stage("pretrain_sasrec", p, tiny_prepared, root / "ck", root / "m.json", progress=False)
+    return root / "ck"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"extra": 1}, "model_config must hold exactly"),
+    ({"hidden": None}, "model_config must hold exactly"),
+    ({"hidden": "16"}, "invalid hidden"),
+    ({"hidden": 1_000_000}, "invalid hidden"),          # used to try to allocate 12 TB
+    ({"blocks": 100_000}, "invalid blocks"),            # used to grow past 8 GB in 12 s
+    ({"hidden": 32, "heads": 2}, "does not match its config"),
+    ({"feature_dims": {"audio": 8}}, "invalid feature_dims"),
+])
+def test_a_crafted_checkpoint_config_is_one_line_before_anything_is_allocated(tmp_path, tiny_prepared, stage1,
+                                                                                change, message):
+    import shutil
+    ckpt = tmp_path / "ck"
+    shutil.copytree(stage1, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    for key, value in change.items():
+        if value is None:
+            del config["model_config"][key]
+        else:
+            config["model_config"][key] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+    r = feddmmr("evaluate", "--checkpoint", str(ckpt), "--data", str(tiny_prepared), cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_diverged_checkpoint_is_refused_by_recommend_and_named_by_evaluate(tmp_path, tiny_prepared, stage1):
+    import shutil
+    ckpt = tmp_path / "ck"
+    shutil.copytree(stage1, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "diverged": "round 3: the training loss is nan"}))
+    r = feddmmr("recommend", "--checkpoint", str(ckpt), "--data", str(tiny_prepared), "--user",
+                str(int(load_prepared(tiny_prepared).user_raw[0])), cwd=tmp_path)
+    assert r.returncode == 2 and "holds the best finite round of a diverged pretrain_sasrec run" in r.stderr
+    r = feddmmr("evaluate", "--checkpoint", str(ckpt), "--data", str(tiny_prepared), cwd=tmp_path)
+    assert r.returncode == 0 and "warning:" in r.stderr and "diverged" in r.stderr and json.loads(r.stdout)["full"]
