@@ -291,12 +291,12 @@ def prepare(params: PrepareParams, out_dir: str | Path) -> dict:
     ``out_dir`` is refused at once (the one-writer lock every output has)."""
     if params.max_seq_len < 2:
         raise FeddmmrError("prepare.max_seq_len must be >= 2")
+    frame = read_interactions(params.source, params.path)   # bad input fails before anything is created
     with exclusive(out_dir):
-        return _prepare(params, out_dir)
+        return _prepare(params, frame, out_dir)
 
 
-def _prepare(params: PrepareParams, out_dir: str | Path) -> dict:
-    frame = read_interactions(params.source, params.path)
+def _prepare(params: PrepareParams, frame: pd.DataFrame, out_dir: str | Path) -> dict:
     items, offsets, user_raw, item_raw = build_sequences(frame, params.top_k_users, params.min_user_interactions)
     negatives = sample_eval_negatives(items, offsets, len(item_raw), params.eval_negatives, params.seed)
     src = Path(params.path)
