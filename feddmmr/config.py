@@ -258,6 +258,10 @@ RANGES: dict[str, tuple[str, Any]] = {
     "freeze": ("a list of parameter group names", lambda v: isinstance(v, list) and all(isinstance(g, str) for g in v)),
     "seed": (">= 0 and < 2^32", lambda v: 0 <= v < 2 ** 32),
     "prepare.top_k_users": (">= 0 (0 = all users)", lambda v: v >= 0),
+    # init_from becomes part of the stage's command in dvc.yaml: a closed set of stage names, nothing else
+    "align_projectors.init_from": ("pretrain_sasrec", lambda v: v == "pretrain_sasrec"),
+    "finetune_moe.init_from": ("align_projectors or pretrain_sasrec", lambda v: v in ("align_projectors",
+                                                                                     "pretrain_sasrec")),
     "federation.engine": ("simulation or flower", lambda v: v in ("simulation", "flower")),
     "federation.nodes": _AT_LEAST_1, "federation.timeout": _POSITIVE,
     "runtime.threads": (">= 0 (0 = follow the free CPUs)", lambda v: v >= 0),

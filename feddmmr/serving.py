@@ -23,7 +23,7 @@ import pandas as pd
 
 from .errors import FeddmmrError
 from .recommend import Recommender
-from .tracking import tracking_uri
+from .tracking import lineage, tracking_uri
 
 REGISTERED_MODEL = "feddmmr"
 CHAMPION = "champion"
@@ -135,13 +135,14 @@ def log_stage_model(uri: str, client, exp_id: str, run_id: str, stage: str, chec
     return version.version
 
 
-def crown_champion(client, parent_run_id: str) -> str | None:
-    """Point ``champion`` at the version with the best validation NDCG@10 among the stages of a pipeline run."""
+def crown_champion(client, exp_id: str, parent_run_id: str) -> str | None:
+    """Point ``champion`` at the version with the best validation NDCG@10 among the stages of a pipeline run (its
+    lineage: an ad-hoc training beside the pipeline is not one of them)."""
+    members = {run.info.run_id for run in lineage(client, exp_id, parent_run_id).values()}
     scored = []
     for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'"):
-        run = client.get_run(v.run_id) if v.run_id else None
-        if (run is not None and run.data.tags.get("mlflow.parentRunId") == parent_run_id
-                and run.info.status not in ("FAILED", "KILLED") and SELECTION in run.data.metrics):
+        run = client.get_run(v.run_id) if v.run_id in members else None
+        if (run is not None and run.info.status not in ("FAILED", "KILLED") and SELECTION in run.data.metrics):
             scored.append((run.data.metrics[SELECTION], int(v.version)))
     if not scored:
         return None

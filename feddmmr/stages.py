@@ -192,6 +192,10 @@ def _check_train_params(tp: TrainParams, stage: str, ks: list[int]) -> None:
     unknown = sorted(set(tp.freeze) - set(GROUPS))
     if unknown:
         raise FeddmmrError(f"{stage}.freeze names unknown groups {unknown}; groups: {', '.join(GROUPS)}")
+    groups = set(GROUPS) if STAGE_SPECS[stage].multimodal else {"item_embeddings", "backbone"}
+    if groups <= set(tp.freeze):
+        raise FeddmmrError(f"{stage}.freeze lists every parameter group of the stage's model ({', '.join(sorted(groups))}): "
+                           f"nothing would train; leave at least one out")
     if tp.loss == "full" and STAGE_SPECS[stage].multimodal:
         raise FeddmmrError(f"{stage}.loss: full (softmax over every item) applies to {FULL_LOSS_STAGES}; the "
                            f"multimodal stages score sampled candidates: set {stage}.loss to ce or bpr")
@@ -270,7 +274,8 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
         saved = resume.load()
         state = saved[0] if saved else Progress()
         tracker = StageRun(stage, flatten(sections), data.meta, params.tracking.enabled, out_dir,
-                           state.tracking_run, state.tracked_round)
+                           state.tracking_run, state.tracked_round,
+                           file_sha256(init_dir / "model.safetensors") if init_dir else "")
         state.tracking_run, state.tracked_round = tracker.run_id, tracker.tracked_round
         try:
             setup = _initialise(stage, spec, params, tp, data, data_dir, feats, init_dir, saved, rounds,

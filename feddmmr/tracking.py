@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import re
 import logging
 import os
 import socket
@@ -135,7 +136,8 @@ class StageRun:
     """
 
     def __init__(self, stage: str, params_flat: dict[str, Any], data_meta: dict, enabled: bool = True,
-                 output: str | Path | None = None, resume_run: str | None = None, tracked_round: int = -1):
+                 output: str | Path | None = None, resume_run: str | None = None, tracked_round: int = -1,
+                 start_sha256: str = ""):
         self.enabled, self.stage, self.run_id = enabled, stage, None
         self.tracked_round = tracked_round     # the last round whose record the store holds
         self.down: str | None = None           # what failed first while the store is not answering
@@ -148,7 +150,7 @@ class StageRun:
             os.environ.setdefault(key, value)
         try:
             with _store_lock(self.uri), shielded():
-                self._start(stage, params_flat, data_meta, output, resume_run)
+                self._start(stage, params_flat, data_meta, output, resume_run, start_sha256)
         except FeddmmrError:
             raise
         except Exception as exc:  # any unusable store: one line before training starts
@@ -156,7 +158,8 @@ class StageRun:
                                f"MLFLOW_TRACKING_URI at a working store, or set tracking.enabled: false") from None
 
     # ------------------------------------------------------------------ start
-    def _start(self, stage: str, params_flat: dict[str, Any], data_meta: dict, output, resume_run) -> None:
+    def _start(self, stage: str, params_flat: dict[str, Any], data_meta: dict, output, resume_run,
+               start_sha256: str) -> None:
         import mlflow
 
         self.client = mlflow.MlflowClient(self.uri)
@@ -171,6 +174,8 @@ class StageRun:
             tags["prefect_flow_run_id"] = flow_run
         if named:   # a flow run: its DVC experiment has the same name
             tags["dvc_experiment"] = named
+        if start_sha256:   # the weights this stage started from: its lineage (``lineage``)
+            tags["feddmmr.start_sha256"] = start_sha256
         output = str(Path(output).resolve()) if output is not None else ""
         self._end_stale_runs(output, keep=resume_run)
         if resume_run and self._reopen(resume_run):
@@ -325,7 +330,7 @@ class StageRun:
     def _log_model(self, model: dict) -> None:
         from .serving import CHAMPION, REGISTERED_MODEL, crown_champion, log_stage_model
         version = log_stage_model(self.uri, self.client, self.exp_id, self.run_id, self.stage, **model)
-        champion = crown_champion(self.client, self.parent_id)
+        champion = crown_champion(self.client, self.exp_id, self.parent_id)
         log.info("MLflow: %s registered as %s version %s; %s is version %s", self.stage, REGISTERED_MODEL, version,
                  CHAMPION, champion)
 
@@ -351,19 +356,57 @@ def pipeline_runs(pipeline: str | None = None) -> tuple[str, Any, dict[str, Any]
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         raise FeddmmrError(f"no '{EXPERIMENT}' experiment in {uri}; train a stage first (dvc repro)")
-    filt = "tags.`feddmmr.kind` = 'pipeline'" + (f" and tags.`feddmmr.pipeline_key` = '{pipeline}'" if pipeline else "")
-    parents = client.search_runs([exp.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"],
-                                 max_results=1)
-    if not parents:
-        raise FeddmmrError(f"no pipeline run {pipeline or ''} in {uri}; train a stage first (dvc repro)")
-    parent = parents[0]
-    children = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+    if pipeline is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}", pipeline):
+        raise FeddmmrError(f"--run {pipeline!r}: a pipeline run is named by letters, digits and . _ : @ + - "
+                           f"(its name in the MLflow UI, its DVC experiment, its run id or its pipeline key)")
+    parent = _find_pipeline(client, exp.experiment_id, pipeline)
+    if parent is None:
+        raise FeddmmrError(f"no pipeline run {pipeline or ''} in {uri}; train a stage first (dvc repro), or name one "
+                           f"by its run name in the MLflow UI, its DVC experiment, its run id or its pipeline key")
+    return uri, parent, lineage(client, exp.experiment_id, parent.info.run_id)
+
+
+def _find_pipeline(client, exp_id: str, name: str | None):
+    """The pipeline (parent) run a user names: its run name (as the MLflow UI shows it), DVC experiment, run id or
+    pipeline key; the latest pipeline run when ``name`` is None."""
+    kind = "tags.`feddmmr.kind` = 'pipeline'"
+    filters = [kind] if name is None else [f"{kind} and {field} = '{name}'" for field in (
+        "tags.`feddmmr.pipeline_key`", "attributes.run_name", "tags.dvc_experiment")]
+    for filt in filters:
+        found = client.search_runs([exp_id], filter_string=filt, order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            return found[0]
+    if name is not None and re.fullmatch(r"[0-9a-f]{32}", name):
+        try:
+            run = client.get_run(name)
+        except Exception:
+            return None
+        return run if run.data.tags.get("feddmmr.kind") == "pipeline" else None
+    return None
+
+
+TRAINING_ORDER = ("pretrain_sasrec", "align_projectors", "finetune_moe")
+
+
+def lineage(client, exp_id: str, parent_id: str) -> dict[str, Any]:
+    """The stage runs that make one pipeline run, by lineage rather than by time: the latest run of the last
+    training stage, then, one stage back at a time, the run that wrote the checkpoint it started from (tags
+    ``feddmmr.start_sha256`` -> ``checkpoint_sha256``); an ad-hoc training at the same commit and data (another
+    --out) is not part of it. Stages without a start (the baselines) are their latest run. In start order."""
+    children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
                                   order_by=["attributes.start_time ASC"])
     latest: dict[str, Any] = {}
-    for run in children:  # the latest run of each stage
+    wrote: dict[str, Any] = {}
+    for run in children:          # later runs win
         latest[run.data.tags.get("feddmmr.stage", run.info.run_name)] = run
-    return uri, parent, latest
+        if run.data.tags.get("checkpoint_sha256"):
+            wrote[run.data.tags["checkpoint_sha256"]] = run
+    chosen = {s: r for s, r in latest.items() if s not in TRAINING_ORDER}
+    head = next((latest[s] for s in reversed(TRAINING_ORDER) if s in latest), None)
+    while head is not None and head.data.tags.get("feddmmr.stage") not in chosen:
+        chosen[head.data.tags.get("feddmmr.stage")] = head
+        head = wrote.get(head.data.tags.get("feddmmr.start_sha256", ""))
+    return dict(sorted(chosen.items(), key=lambda item: item[1].info.start_time))
 
 
 def prepared_sha256(data_meta: dict) -> str:

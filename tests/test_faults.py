@@ -173,7 +173,8 @@ def test_nan_feature_rows_are_refused_with_the_file(chain, tiny_prepared, tmp_pa
     feats = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared))
     t = load_tensors(feats / "text" / "features.safetensors", "f", "")
     t["features"][3] = float("nan")
-    save_file(t, str(feats / "text" / "features.safetensors"))
+    save_file(t, str(feats / "text" / "features.safetensors"),
+              metadata={"items_sha256": load_prepared(tiny_prepared).items_sha256})
     r = feddmmr("train", "--stage", "align_projectors", "--data", str(tiny_prepared), "--features", str(feats),
                 "--init", str(chain / "checkpoints" / "pretrain_sasrec"), "--out", str(tmp_path / "ck"), cwd=tmp_path)
     assert r.returncode == 2
@@ -281,6 +282,8 @@ def test_unusable_tracking_store_is_one_line_before_training(tiny_prepared, tmp_
     ("model.dropout=.nan", "model.dropout must be a finite number"),
     ("prepare.eval_negatives=-1", "prepare.eval_negatives must be >= 0"),
     ("pretrain_sasrec.lr=fast", "pretrain_sasrec.lr must be float, got 'fast'"),
+    ("pretrain_sasrec.freeze=[item_embeddings, backbone]", "freeze lists every parameter group"),
+    ("finetune_moe.init_from=x;touch${IFS}pwned", "finetune_moe.init_from must be align_projectors or pretrain_sasrec"),
 ])
 def test_bad_parameters_are_one_line(tmp_path, tiny_prepared, override, message):
     r = feddmmr("train", "--data", str(tiny_prepared), "--out", str(tmp_path / "ck"), "-S", override, cwd=tmp_path)

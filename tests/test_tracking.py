@@ -161,6 +161,19 @@ def test_later_stages_log_load_report_param_diff_and_router_curves(tiny_prepared
     for stage in ("align_projectors", "finetune_moe"):
         want = paired_test(ranks["pretrain_sasrec"], ranks[stage], "NDCG@10").describe()
         assert f"  {stage}: {want}" in table.splitlines()
+    # an ad-hoc stage 1 beside the pipeline (same commit and data, another --out) is not the pipeline's stage 1
+    from feddmmr.serving import CHAMPION, REGISTERED_MODEL
+    champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version
+    params.pretrain_sasrec.rounds = 1
+    train_stage("pretrain_sasrec", params, tiny_prepared, tmp_path / "ck7" / "typo", tmp_path / "typo.json",
+                progress=False)
+    assert compare() == table
+    assert client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version == champion
+    parent = parents[0]
+    for name in (parent.info.run_name, parent.info.run_id, parent.data.tags["feddmmr.pipeline_key"]):
+        assert compare(name) == table                  # the names a user sees all find it
+    with pytest.raises(FeddmmrError, match="a pipeline run is named by letters"):
+        compare("x'y")
 
 
 def test_a_signal_during_a_store_write_waits_for_the_write(tmp_path, monkeypatch):
