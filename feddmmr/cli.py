@@ -11,7 +11,7 @@ import logging
 import sys
 
 from . import interrupts
-from .errors import FeddmmrError
+from .errors import FeddmmrError, redact
 from .modalities import NAMES
 
 DESCRIPTION = """FedDMMR: federated multimodal sequential recommendation, as a reproducible pipeline.
@@ -354,14 +354,27 @@ def _recommender(args: argparse.Namespace):
             else rec.for_histories([history], k, known)), f"{rec.stage} checkpoint {checkpoint}"
 
 
+class _Redact(logging.Filter):
+    """Masks the password of any URL in a log record (an MLflow URI with credentials)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    for handler in logging.getLogger().handlers:   # no secret in any log line, ours or a library's
+        handler.addFilter(_Redact())
     interrupts.install()   # SIGTERM (docker stop, a Prefect cancellation) ends the run like Ctrl-C
     try:
         return run(args)
     except FeddmmrError as exc:
-        print(f"feddmmr: error: {exc}", file=sys.stderr)
+        print(f"feddmmr: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:       # disk full, permissions, an output path below a file: one line, never a traceback
         from .io import os_error_line

@@ -1,4 +1,12 @@
-"""User-facing errors: one line that names the file and the fix."""
+"""User-facing errors: one line that names the file and the fix; secrets never printed."""
+import re
+
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+):[^@/\s]*@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it masked: http://user:***@host (MLflow URIs with credentials)."""
+    return _USERINFO.sub(r"\1:***@", str(text))
 
 
 class FeddmmrError(Exception):

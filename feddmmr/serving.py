@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from .errors import FeddmmrError
+from .errors import FeddmmrError, redact
 from .recommend import Recommender
 from .tracking import lineage, tracking_uri
 
@@ -161,7 +161,7 @@ class LoadedModel:
             with _fluent_store(store):
                 self.pyfunc = mlflow.pyfunc.load_model(uri)
         except MlflowException as exc:
-            raise FeddmmrError(f"MLflow model {uri} cannot be loaded from {store} ({_message(exc)}); "
+            raise FeddmmrError(f"MLflow model {uri} cannot be loaded from {redact(store)} ({redact(_message(exc))}); "
                                f"see the registered versions in the MLflow UI, or train a stage with "
                                f"tracking.log_models: true") from None
 

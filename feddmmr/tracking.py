@@ -7,22 +7,24 @@ before training starts, so an unreachable server fails in seconds, not after an 
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
 import json
-import re
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .errors import FeddmmrError, TrackingIncomplete
+from .errors import FeddmmrError, TrackingIncomplete, redact
 from .interrupts import shielded
 from .io import load_tensors
 
@@ -43,17 +45,33 @@ def project_root(cwd: str | Path | None = None) -> Path:
 
 def tracking_uri(cwd: str | Path | None = None) -> str:
     """``MLFLOW_TRACKING_URI``, else ``sqlite:///<project>/mlruns.db`` of the project ``cwd`` (default: the working
-    directory) belongs to: an absolute store, so runs made in a temporary copy of the project land in the project's."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(cwd) / 'mlruns.db'}"
+    directory) belongs to: an absolute store, so runs made in a temporary copy of the project land in the project's.
+
+    Credentials in an http(s) URI (http://user:password@host) move to MLflow's own variables
+    (MLFLOW_TRACKING_USERNAME / _PASSWORD, unless set) and the URI is returned without them: MLflow prints run
+    links with the URI it is given, and the password must never be printed."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(cwd) / 'mlruns.db'}"
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme in ("http", "https") and parts.username is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username))
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password or ""))
+        uri = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return uri
 
 
 def _health(uri: str, timeout: float) -> str | None:
-    """None when the server at ``uri`` answers /health with 200, else what went wrong."""
+    """None when the server at ``uri`` answers /health with 200, else what went wrong. Credentials
+    (MLFLOW_TRACKING_USERNAME / _PASSWORD, see ``tracking_uri``) go as the Basic authorization MLflow sends."""
+    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user is not None:
+        token = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             return None if resp.status == 200 else f"answered HTTP {resp.status} on /health"
-    except (urllib.error.URLError, OSError) as exc:
-        return f"is unreachable ({getattr(exc, 'reason', exc)})"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"is unreachable ({redact(getattr(exc, 'reason', exc))})"
 
 
 def check_store(uri: str) -> None:
@@ -62,7 +80,7 @@ def check_store(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         problem = _health(uri, timeout=5)
         if problem:
-            raise FeddmmrError(f"MLflow tracking server {uri} {problem}; {fix}")
+            raise FeddmmrError(f"MLflow tracking server {redact(uri)} {problem}; {fix}")
     elif uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         parent = db.parent if str(db.parent) else Path(".")
@@ -77,7 +95,7 @@ def check_store(uri: str) -> None:
 def _short(exc: BaseException) -> str:
     """The first line of an exception, for one-line messages."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+    return redact(f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__)
 
 
 @contextlib.contextmanager
@@ -154,7 +172,7 @@ class StageRun:
         except FeddmmrError:
             raise
         except Exception as exc:  # any unusable store: one line before training starts
-            raise FeddmmrError(f"MLflow store {self.uri} cannot be used ({_short(exc)}); fix it, point "
+            raise FeddmmrError(f"MLflow store {redact(self.uri)} cannot be used ({_short(exc)}); fix it, point "
                                f"MLFLOW_TRACKING_URI at a working store, or set tracking.enabled: false") from None
 
     # ------------------------------------------------------------------ start
@@ -190,7 +208,7 @@ class StageRun:
         items = [Param(k, str(v)[:6000]) for k, v in params_flat.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
-        log.info("MLflow: %s run %s (parent %s) in %s", stage, self.run_id, self.parent_id, self.uri)
+        log.info("MLflow: %s run %s (parent %s) in %s", stage, self.run_id, self.parent_id, redact(self.uri))
 
     def _experiment(self) -> str:
         exp = self.client.get_experiment_by_name(EXPERIMENT)
@@ -252,7 +270,7 @@ class StageRun:
         except Exception as exc:
             if self.down is None:
                 log.warning("MLflow %s did not record %s (%s); training goes on, and the missing records are sent "
-                            "when it answers again", self.uri, what, _short(exc))
+                            "when it answers again", redact(self.uri), what, _short(exc))
                 self.down = f"{what}: {_short(exc)}"
             return False
 
@@ -276,7 +294,7 @@ class StageRun:
                     return
                 self.tracked_round = step
         if self.down is not None:
-            log.warning("MLflow %s answers again; the missing rounds are recorded", self.uri)
+            log.warning("MLflow %s answers again; the missing rounds are recorded", redact(self.uri))
             self.down = None
 
     def log_dict(self, obj: dict, name: str) -> None:
@@ -305,7 +323,7 @@ class StageRun:
                 break
         if missing:
             raise TrackingIncomplete(
-                f"{self.stage}: checkpoint and metrics are written, but MLflow {self.uri} did not record "
+                f"{self.stage}: checkpoint and metrics are written, but MLflow {redact(self.uri)} did not record "
                 f"{', '.join(missing)} ({self.down}); re-run the same command (or `dvc repro`) when the store "
                 f"answers: it records them without training again")
 
@@ -355,13 +373,13 @@ def pipeline_runs(pipeline: str | None = None) -> tuple[str, Any, dict[str, Any]
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
-        raise FeddmmrError(f"no '{EXPERIMENT}' experiment in {uri}; train a stage first (dvc repro)")
+        raise FeddmmrError(f"no '{EXPERIMENT}' experiment in {redact(uri)}; train a stage first (dvc repro)")
     if pipeline is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}", pipeline):
         raise FeddmmrError(f"--run {pipeline!r}: a pipeline run is named by letters, digits and . _ : @ + - "
                            f"(its name in the MLflow UI, its DVC experiment, its run id or its pipeline key)")
     parent = _find_pipeline(client, exp.experiment_id, pipeline)
     if parent is None:
-        raise FeddmmrError(f"no pipeline run {pipeline or ''} in {uri}; train a stage first (dvc repro), or name one "
+        raise FeddmmrError(f"no pipeline run {pipeline or ''} in {redact(uri)}; train a stage first (dvc repro), or name one "
                            f"by its run name in the MLflow UI, its DVC experiment, its run id or its pipeline key")
     return uri, parent, lineage(client, exp.experiment_id, parent.info.run_id)
 
@@ -436,7 +454,7 @@ def compare(pipeline: str | None = None, protocol: str = "full") -> str:
     rows = ["best_round"] + [f"{split}.{protocol}.{m}" for split in ("best_val", "test")
                              for m in ("HR_at_5", "HR_at_10", "HR_at_20", "NDCG_at_5", "NDCG_at_10", "NDCG_at_20", "MRR")]
     width = max(len(r) for r in rows) + 2
-    lines = [f"pipeline {parent.data.tags.get('feddmmr.pipeline_key')} (run {parent.info.run_id}) in {uri}",
+    lines = [f"pipeline {parent.data.tags.get('feddmmr.pipeline_key')} (run {parent.info.run_id}) in {redact(uri)}",
              "metric".ljust(width) + "".join(s.rjust(18) for s in stages)]
     for r in rows:
         vals = []

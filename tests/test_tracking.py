@@ -53,12 +53,23 @@ def test_stage_run_in_sqlite_store_and_compare(tiny_prepared, tmp_path, monkeypa
 
 
 def test_unreachable_server_fails_before_training(tiny_prepared, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ann:s3cret@127.0.0.1:{free_port()}")
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):   # absent, and absent again afterwards
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     start = time.perf_counter()
-    with pytest.raises(FeddmmrError, match="unreachable"):
+    with pytest.raises(FeddmmrError, match=r"http://127.0.0.1:\d+ is unreachable") as err:
         train_stage("pretrain_sasrec", tiny_params(), tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False)
+    assert "s3cret" not in str(err.value)
     assert time.perf_counter() - start < 30
     assert not (tmp_path / "ck").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_a_password_in_any_message_is_masked():
+    from feddmmr.errors import redact
+    assert redact("store http://ann:s3cret@host:5000/x and https://b:p%40ss@h/ stay") == \
+        "store http://ann:***@host:5000/x and https://b:***@h/ stay"
+    assert redact("sqlite:////tmp/mlruns.db, http://host:5000") == "sqlite:////tmp/mlruns.db, http://host:5000"
 
 
 def test_tracking_can_be_disabled(tiny_prepared, tmp_path, monkeypatch):
@@ -87,6 +98,16 @@ def test_real_mlflow_server(tiny_prepared, tmp_path, monkeypatch):
         train_stage("pretrain_sasrec", tiny_params(rounds=2), tiny_prepared, tmp_path / "ck", tmp_path / "m.json",
                     progress=False)
         _check_stage_run(uri, 2)
+        # a URI with credentials is accepted (it was refused as unreachable) and the password is never printed
+        secret = f"http://ann:s3cret@127.0.0.1:{port}"
+        r = subprocess.run([sys.executable, "-m", "feddmmr", "train", "--data", str(tiny_prepared), "--out",
+                            str(tmp_path / "ck2"), "--metrics", str(tmp_path / "m2.json"), "-S", "model.hidden=16",
+                            "-S", "model.heads=2", "-S", "model.ffn_hidden=16", "-S", "model.blocks=1",
+                            "-S", "pretrain_sasrec.rounds=1", "-S", "tracking.log_models=false"],
+                           cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": secret})
+        assert r.returncode == 0, r.stderr
+        assert "s3cret" not in r.stdout + r.stderr and f"127.0.0.1:{port}" in r.stdout + r.stderr
+        assert len(_runs(uri)[2]) == 2
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
