@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "features":
         from .features import extract
         out = args.out or f"features/{args.modality}"
-        report = extract(args.modality, params, args.data, out, progress=not args.quiet)
+        report = extract(args.modality, params, args.data, out, progress=_progress(args))
         print(f"wrote {out}: {report['covered']}/{report['items']} items ({report['coverage_pct']:.1f}%), "
               f"{report['dim']}-d, {report['seconds']:.1f}s")
         return 0
@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "baseline":
         from .baselines import run_baseline
         metrics = run_baseline(args.name, params, args.data, args.out or f"checkpoints/{args.name}",
-                               args.metrics or f"metrics/{args.name}.json", progress=not args.quiet)
+                               args.metrics or f"metrics/{args.name}.json", progress=_progress(args))
         print(json.dumps({k: metrics[k] for k in ("stage", "test")}, indent=2))
         return 0
     if args.command == "evaluate":
@@ -303,7 +303,7 @@ def _train(args: argparse.Namespace, params) -> int:
         metrics = train_on_flower(args.stage, params, args.params, args.overrides, args.data, out, metrics_path,
                                   args.features, args.init, args.restart)
     else:
-        metrics = train_stage(args.stage, params, args.data, out, metrics_path, progress=not args.quiet,
+        metrics = train_stage(args.stage, params, args.data, out, metrics_path, progress=_progress(args),
                               features_dir=args.features, init_dir=args.init, restart=args.restart)
     print(json.dumps({k: metrics[k] for k in ("stage", "best_round", "seconds_per_round", "test")}, indent=2))
     return 0
@@ -352,6 +352,11 @@ def _recommender(args: argparse.Namespace):
     rec = Recommender.load(checkpoint, args.data, args.features, item_titles(params.prepare, params.features_text.movies))
     return (lambda users, history, k, known: rec.for_users(users, k, known) if users is not None
             else rec.for_histories([history], k, known)), f"{rec.stage} checkpoint {checkpoint}"
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars only on a terminal: a log file, a pipe or the Prefect UI gets one line per round instead."""
+    return not args.quiet and sys.stderr.isatty()
 
 
 class _Redact(logging.Filter):

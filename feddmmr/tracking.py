@@ -93,7 +93,14 @@ def check_store(uri: str) -> None:
 
 
 def _short(exc: BaseException) -> str:
-    """The first line of an exception, for one-line messages."""
+    """The first line of an exception, for one-line messages; a full disk anywhere in its chain is said first (SQLAlchemy
+    often reports it as an 'autoflush' failure, the disk only in the cause)."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    if any(needle in text for text in chain for needle in ("disk is full", "No space left on device")):
+        return "the store's disk is full (database or disk is full)"
     text = str(exc).strip().splitlines()
     return redact(f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__)
 
@@ -166,6 +173,9 @@ class StageRun:
         for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
                            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
             os.environ.setdefault(key, value)
+        # MLflow's sqlite store logs each failed write with its traceback (a full disk: one per round and retry);
+        # _send reports the first failure in one warning that names the cause
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         try:
             with _store_lock(self.uri), shielded():
                 self._start(stage, params_flat, data_meta, output, resume_run, start_sha256)

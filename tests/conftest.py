@@ -163,3 +163,24 @@ def git_dvc_project(root: Path) -> Path:
                 ["git", "add", "-A"], ["git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "tiny"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
     return root
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(size): a tmpfs of ``size`` (e.g. "64k") to fill up, a real ENOSPC; needs root and mount, as on CI
+    (skipped elsewhere, saying why). Unmounted after the test."""
+    import subprocess
+    mounted = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"disk{len(mounted)}"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                           text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a small tmpfs to fill ({r.stderr.strip()[:80]})")
+        mounted.append(mnt)
+        return mnt
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -237,3 +237,58 @@ def test_the_default_store_is_the_projects_even_from_a_dvc_temp_copy(tmp_path, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(copy)
     assert tracking_uri() == f"sqlite:///{tmp_path / 'project' / 'mlruns.db'}"
+
+
+def test_a_store_whose_disk_fills_mid_stage_is_one_warning_and_records_the_rest_later(tiny_prepared, tmp_path,
+                                                                                        small_disk):
+    """Before: 997 lines and 22 tracebacks (MLflow's, one per retry), and a summary that never said 'disk full'."""
+    disk = small_disk("8m")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{disk / 'store.db'}", "PYTHONWARNINGS": "ignore"}
+    tiny = ["-S", "model.hidden=16", "-S", "model.heads=2", "-S", "model.ffn_hidden=16", "-S", "model.blocks=1",
+            "-S", "pretrain_sasrec.patience=100", "-S", "tracking.log_models=false"]
+
+    def train(out, rounds):
+        return subprocess.run([sys.executable, "-m", "feddmmr", "train", "--data", str(tiny_prepared), "--out",
+                               str(tmp_path / out), "--metrics", str(tmp_path / f"{out}.json"), *tiny,
+                               "-S", f"pretrain_sasrec.rounds={rounds}"], cwd=tmp_path, capture_output=True,
+                              text=True, env=env)
+    full = train("first", 1)
+    assert full.returncode == 0, full.stderr
+    filler = disk / "filler"
+
+    def fill():
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                pass
+    fill()                                                        # full before the stage starts: one line, the cause
+    full = train("ck", 6)
+    assert full.returncode == 2 and "the store's disk is full" in full.stderr.splitlines()[-1], full.stderr
+    filler.unlink()
+    proc = subprocess.Popen([sys.executable, "-m", "feddmmr", "train", "--data", str(tiny_prepared), "--out",
+                             str(tmp_path / "ck"), "--metrics", str(tmp_path / "ck.json"), *tiny,
+                             "-S", "pretrain_sasrec.rounds=30"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    lines = []
+    for line in proc.stderr:                                      # the run is created: now the disk fills up
+        lines.append(line)
+        if line.startswith("MLflow: pretrain_sasrec run"):
+            fill()
+            break
+    lines += proc.stderr.readlines()
+    proc.wait(timeout=300)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, "", "".join(lines))
+    assert r.returncode == 4, r.stderr                            # trained and written, not fully recorded
+    other = [line for line in r.stderr.splitlines() if not line.startswith("pretrain_sasrec round ")]
+    assert "Traceback" not in r.stderr and len(other) < 8, r.stderr  # one line a round, and a few more
+    warnings = [line for line in r.stderr.splitlines() if "did not record" in line]
+    assert len(warnings) == 2 and all("disk is full" in line for line in warnings)   # one warning, one error line
+    filler.unlink()
+    again = train("ck", 30)                                       # the store has room again: the rest is recorded
+    assert again.returncode == 0, again.stderr
+    client, _, children = _runs(f"sqlite:///{disk / 'store.db'}")
+    run = next(c for c in children if c.data.tags["feddmmr.output"].endswith("/ck"))
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val.full.NDCG_at_10")) == list(range(31))
