@@ -41,12 +41,23 @@ COLUMN_ALIASES = {
 # Ingest
 # ----------------------------------------------------------------------------------------------
 
+def check_text(path: Path, expected: str) -> None:
+    """Refuse at once a file that is not text (NUL bytes in its first 64 KiB: a binary or sparse file), before
+    reading what may be gigabytes of it."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise FeddmmrError(f"{path} is not a text file (NUL bytes at byte {nul}); expected {expected}")
+
+
 def read_member(path: Path, member: str, encoding: str, setting: str = "prepare.path") -> tuple[str, Path]:
     """Text of ``member`` from a folder, a zip archive or the file itself; errors name ``setting`` as the fix."""
     if path.is_dir():
         f = path / member
         if not f.is_file():
             raise FeddmmrError(f"{f} not found; point {setting} at the folder or zip that holds {member}")
+        check_text(f, member)
         return f.read_bytes().decode(encoding), f
     if path.is_file() and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
@@ -55,6 +66,7 @@ def read_member(path: Path, member: str, encoding: str, setting: str = "prepare.
                 raise FeddmmrError(f"{path} has no {member}; point {setting} at the official archive (e.g. ml-1m.zip)")
             return zf.read(sorted(names, key=len)[0]).decode(encoding), path
     if path.is_file():
+        check_text(path, member)
         return path.read_bytes().decode(encoding), path
     raise FeddmmrError(f"input not found: {path}; set {setting} to the dataset folder, zip or file")
 
@@ -113,7 +125,7 @@ def _read_delimited(text: str, sep: str, names: list[str], source: Path, fmt: st
     return _parse_numeric(_parse_ids(frame, source), [c for c in names if c not in ID_COLUMNS], source, fmt)
 
 
-def _read_table(text: io.StringIO, source: Path, fmt: str, **kwargs) -> pd.DataFrame:
+def _read_table(text: io.StringIO | Path, source: Path, fmt: str, **kwargs) -> pd.DataFrame:
     """pandas' CSV reader on text columns; a malformed line (too many fields, an open quote) is one line."""
     try:
         return pd.read_csv(text, dtype=str, engine="c", keep_default_na=False, **kwargs)
@@ -137,15 +149,16 @@ def read_csv_interactions(path: Path) -> pd.DataFrame:
     fmt = "a CSV with a header naming user,item,timestamp[,rating] columns"
     if not path.is_file():
         raise FeddmmrError(f"input not found: {path}; set prepare.path to your interaction file")
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
-    if not text.strip():
+    check_text(path, fmt)
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = f.readline(1 << 16).rstrip("\r\n")
+    if not header.strip():
         raise FeddmmrError(f"{path} is empty; expected {fmt}")
-    header = text.split("\n", 1)[0]
     try:
         sep = csv.Sniffer().sniff(header, delimiters=",;\t|").delimiter
     except csv.Error:
         raise FeddmmrError(f"{path}: cannot find the column separator in the header {header[:60]!r}; expected {fmt}") from None
-    frame = _read_table(io.StringIO(text), path, fmt, sep=sep)
+    frame = _read_table(path, path, fmt, sep=sep, encoding="utf-8-sig", encoding_errors="replace")
     lower = {c.strip().lower(): c for c in frame.columns}
     rename = {}
     for canon, aliases in COLUMN_ALIASES.items():

@@ -196,3 +196,19 @@ def test_real_ml100k(tmp_path):
     folder = shared("ml-100k/u.data").parent
     meta = prepare(PrepareParams(source="ml-100k", path=str(folder)), tmp_path / "p")
     assert meta["num_users"] == 943 and meta["num_interactions"] == 100_000 and meta["num_items"] == 1682
+
+
+def test_a_binary_or_sparse_input_is_refused_at_once(tmp_path):
+    """A 2 GB sparse file was still being read after 300 s; now its first bytes refuse it."""
+    import time
+    big = tmp_path / "big.csv"
+    with open(big, "wb") as f:
+        f.truncate(2 << 30)                         # 2 GiB of holes, no disk used
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    (folder / "ratings.dat").symlink_to(big)
+    start = time.perf_counter()
+    for source, path in (("csv", big), ("ml-1m", folder)):
+        with pytest.raises(FeddmmrError, match="is not a text file .NUL bytes at byte 0"):
+            read_interactions(source, path)
+    assert time.perf_counter() - start < 5
