@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from feddmmr.config import load_params
 from feddmmr.errors import FeddmmrError
 from flows.steps import BASELINE_STEPS, PROTOCOLS, STEPS, TRAIN_STEPS, StepsOn, run_in_container, run_step, task_name
 from flows.workspace import StepFailed, Workspace, experiment_name
@@ -139,7 +140,9 @@ def main() -> None:
     ap.add_argument("--no-gpu", dest="gpu", action="store_false",
                     help="with --steps-on docker: drop the GPU request of the GPU steps")
     args = ap.parse_args()
-    try:
+    try:   # bad parameters: one line at once, before Prefect starts a flow run (tens of seconds)
+        project = Path(args.project_dir or os.environ.get("FEDDMMR_PROJECT_DIR") or ".").resolve()
+        load_params(project / "params.yaml", dataset_overrides(args.dataset, args.data_root) + args.overrides)
         pipeline(args.overrides, args.dataset, args.data_root, args.project_dir, args.rev, args.steps_on, args.gpu)
     except (FeddmmrError, StepFailed) as exc:
         raise SystemExit(f"flows.pipeline: error: {exc}") from None

@@ -137,3 +137,18 @@ def test_a_flow_run_workspace_shares_the_stack_projects_cache_and_default_remote
 def test_the_stack_setup_refuses_a_folder_without_the_project(tmp_path):
     with pytest.raises(FeddmmrError, match="no dvc.yaml"):
         sync_project(tmp_path, tmp_path / "project", tmp_path / "c", tmp_path / "r", "x")
+
+
+def test_a_bad_override_through_the_flow_command_is_one_line_before_any_flow_run(tmp_path):
+    """`python -m flows.pipeline -S prepare.nope=1` used to answer after 45 s and two Prefect tracebacks."""
+    import os
+    import sys
+    import time
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "flows.pipeline", "--project-dir", str(REPO), "-S", "prepare.nope=1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"})   # nothing is contacted
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["flows.pipeline: error: params: unknown key prepare.nope; valid keys: "
+                                             + r.stderr.split("valid keys: ")[1].strip()]
+    assert time.perf_counter() - start < 30
