@@ -81,8 +81,9 @@ def write_titles(path: Path, titles: dict[int, str]) -> None:
 
 def signature():
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
-    inputs = Schema([ColSpec("long", "user", required=False), ColSpec(Array("long"), "history", required=False)])
+    from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
+    # user: Any, checked by Recommender (an exact integer): as "long", MLflow's JSON parsing turned 1.5 into user 1
+    inputs = Schema([ColSpec(AnyType(), "user", required=False), ColSpec(Array("long"), "history", required=False)])
     outputs = Schema([ColSpec("long", "request"), ColSpec("long", "user"), ColSpec("long", "rank"),
                       ColSpec("long", "item"), ColSpec("string", "title"), ColSpec("double", "score")])
     params = ParamSchema([ParamSpec("k", "long", DEFAULTS["k"]),

@@ -195,6 +195,9 @@ def test_mlflow_models_serve_answers_on_loopback(trained, tiny_prepared, tmp_pat
             post(port, {"dataframe_records": [{"user": 987654}]})
         error = json.loads(bad.value.read())
         assert bad.value.code == 400 and "unknown user id 987654" in error["message"] and "stack_trace" not in error
+        with pytest.raises(urllib.error.HTTPError) as bad:                  # was served as user 1
+            post(port, {"dataframe_records": [{"user": users[0] + 0.5}]})
+        assert bad.value.code == 400 and "stack_trace" not in json.loads(bad.value.read())
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)
