@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from . import interrupts
 from .errors import FeddmmrError, redact
@@ -23,6 +25,7 @@ Commands (prepare, features, train and baseline are also the DVC stages of dvc.y
   evaluate  evaluate a stage checkpoint (full ranking and 1+100 sampled negatives)
   baseline  a reference evaluated the same way: popularity, or the centralized counterpart
   compare   the stages' metrics side by side, with paired tests per user, from MLflow
+  promote   make a registered model version the champion, on purpose, with the reason recorded
   sweep     the pipeline over several seeds (DVC experiments): intervals and paired tests
   ablate    stage 3 retrained without each of its parts (DVC experiments): the ablation table
   recommend top-k items for a user, a file of users or a new user's history
@@ -53,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate_parser(sub)
     _baseline_parser(sub)
     _compare_parser(sub)
+    _promote_parser(sub)
     _sweep_parser(sub)
     _ablate_parser(sub)
     _recommend_parser(sub)
@@ -163,6 +167,18 @@ def _compare_parser(sub) -> None:
     _add_protocol(p)
 
 
+def _promote_parser(sub) -> None:
+    p = sub.add_parser("promote", help="make a registered model version the champion",
+                       description="Point the alias champion of the registered model feddmmr at VERSION and record "
+                                   "why on the version (tag champion_reason). Training moves the champion by itself "
+                                   "only to a pipeline run's best stage that beats the current champion on the same "
+                                   "prepared data; candidates (parameter overrides, another output, sweeps and "
+                                   "experiments) and models trained on other data are promoted with this command. "
+                                   "Store: MLFLOW_TRACKING_URI (default sqlite:///mlruns.db).")
+    p.add_argument("version", help="the version of the registered model feddmmr (the MLflow UI's Models page)")
+    p.add_argument("--reason", default="promoted by hand (feddmmr promote)", help="recorded on the version")
+
+
 def _sweep_parser(sub) -> None:
     p = sub.add_parser("sweep", help="the pipeline over several seeds: mean, 95%% interval, paired tests",
                        description="Run the pipeline once per seed as a DVC experiment (dvc exp run --temp, named "
@@ -249,6 +265,10 @@ def run(args: argparse.Namespace) -> int:
         from .tracking import compare
         print(compare(args.pipeline, args.protocol))
         return 0
+    if args.command == "promote":
+        from .serving import promote_version
+        print(promote_version(args.version, args.reason))
+        return 0
     params = load_params(args.params, args.overrides)      # bad overrides fail here, in one line
     if args.command in ("ablate", "sweep"):
         if not params.tracking.enabled:
@@ -289,7 +309,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, params) -> int:
-    """One stage on this machine (the simulator) or on a Flower federation (``--engine flower``)."""
+    """One stage on this machine (the simulator) or on a Flower federation (``--engine flower``). With parameter
+    overrides or an output of its own, the stage's model is a candidate: it never moves the champion by itself."""
+    if args.overrides or args.params != "params.yaml" or (args.out and Path(args.out) != Path(f"checkpoints/{args.stage}")):
+        os.environ["FEDDMMR_CANDIDATE"] = "1"
     from .stages import train_stage
     out = args.out or f"checkpoints/{args.stage}"
     metrics_path = args.metrics or f"metrics/{args.stage}.json"

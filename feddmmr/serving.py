@@ -3,8 +3,9 @@
 The MLflow model is a pyfunc (``FedDMMRModel``, logged from code, never pickled) whose artifacts are the
 checkpoint (weights, config, client memories), the prepared data (id maps and the users' histories),
 the feature files of a multimodal stage and the item titles. Every training stage logs one and
-registers it as a version of ``feddmmr``; the alias ``champion`` points at the stage with the best
-validation full NDCG@10 of the latest pipeline run.
+registers it as a version of ``feddmmr``; the alias ``champion`` moves to a pipeline run's best stage
+(validation full NDCG@10) only when it beats the current champion on the same prepared data, and never to a
+candidate run (overrides, another output, a sweep): ``feddmmr promote VERSION`` moves it on purpose.
 
 Input: a DataFrame with a ``user`` column (original user ids) or a ``history`` column (lists of
 original item ids, oldest first: new users). Params: ``k`` (default 10), ``include_known``
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +27,7 @@ from .errors import FeddmmrError, redact
 from .recommend import Recommender
 from .tracking import lineage, tracking_uri
 
+log = logging.getLogger("feddmmr")
 REGISTERED_MODEL = "feddmmr"
 CHAMPION = "champion"
 SELECTION = "best_val.full.NDCG_at_10"   # the MLflow metric the champion is chosen by
@@ -137,19 +140,74 @@ def log_stage_model(uri: str, client, exp_id: str, run_id: str, stage: str, chec
 
 
 def crown_champion(client, exp_id: str, parent_run_id: str) -> str | None:
-    """Point ``champion`` at the version with the best validation NDCG@10 among the stages of a pipeline run (its
-    lineage: an ad-hoc training beside the pipeline is not one of them)."""
+    """Move ``champion`` to the best stage of a pipeline run (by validation NDCG@10, among its lineage) only when
+    that beats the current champion on the same prepared data and evaluation protocol (tag ``prepared_sha256``: the
+    split and the sampled negatives), or when there is no champion yet. A candidate run (parameter overrides, an
+    output other than the pipeline's, a sweep or experiment: tag ``feddmmr.candidate``) never moves it: ``feddmmr
+    promote`` does, on purpose. The reason is recorded on the version (tag ``champion_reason``). The champion's
+    version, or None."""
     members = {run.info.run_id for run in lineage(client, exp_id, parent_run_id).values()}
     scored = []
     for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'"):
         run = client.get_run(v.run_id) if v.run_id in members else None
         if (run is not None and run.info.status not in ("FAILED", "KILLED") and SELECTION in run.data.metrics):
-            scored.append((run.data.metrics[SELECTION], int(v.version)))
+            scored.append((run.data.metrics[SELECTION], int(v.version), run))
+    current = _champion(client)
     if not scored:
+        return current[0] if current else None
+    score, version, run = max(scored, key=lambda item: item[:2])
+    if run.data.tags.get("feddmmr.candidate") == "true":
+        log.info("MLflow: version %s is a candidate (overrides or another output): %s stays version %s; "
+                 "`feddmmr promote %s` makes it the champion", version, CHAMPION, current[0] if current else None,
+                 version)
+        return current[0] if current else None
+    if current is None:
+        reason = f"the first champion: validation full NDCG@10 {score:.4f}"
+    elif current[0] == str(version):
+        return current[0]
+    elif current[1].data.tags.get("prepared_sha256") != run.data.tags.get("prepared_sha256"):
+        log.info("MLflow: %s version %s was chosen on other prepared data; version %s is not compared with it "
+                 "(`feddmmr promote %s` makes it the champion)", CHAMPION, current[0], version, version)
+        return current[0]
+    elif score > current[1].data.metrics.get(SELECTION, float("-inf")):
+        reason = (f"validation full NDCG@10 {score:.4f} beat version {current[0]}'s "
+                  f"{current[1].data.metrics.get(SELECTION, float('nan')):.4f} on the same prepared data")
+    else:
+        return current[0]
+    return promote(client, str(version), reason)
+
+
+def promote_version(version: str, reason: str) -> str:
+    """``feddmmr promote``: the champion moved to ``version`` in the store ``tracking_uri()``; what to print."""
+    from .tracking import check_store
+    uri = tracking_uri()
+    check_store(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        v = client.get_model_version(REGISTERED_MODEL, str(version))
+    except Exception:
+        raise FeddmmrError(f"no version {version!r} of the registered model {REGISTERED_MODEL} in {redact(uri)}; the "
+                           f"MLflow UI's Models page lists them (or set MLFLOW_TRACKING_URI to the right store)") from None
+    before = _champion(client)
+    promote(client, str(v.version), reason)
+    return (f"{CHAMPION} is version {v.version} ({v.tags.get('stage', '?')}) of {REGISTERED_MODEL}"
+            f"{f', was version {before[0]}' if before else ''}: {reason}")
+
+
+def _champion(client):
+    """(version, its run) of the current champion, or None."""
+    try:
+        v = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+    except Exception:   # no alias yet (MLflow raises RESOURCE_DOES_NOT_EXIST)
         return None
-    best = str(max(scored)[1])
-    client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, best)
-    return best
+    return str(v.version), client.get_run(v.run_id)
+
+
+def promote(client, version: str, reason: str) -> str:
+    """Point ``champion`` at ``version`` of the registered model, recording ``reason`` on the version."""
+    client.set_model_version_tag(REGISTERED_MODEL, version, "champion_reason", reason)
+    client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
+    return version
 
 
 class LoadedModel:

@@ -141,6 +141,22 @@ def metric_name(name: str) -> str:
     return name.replace("@", "_at_")
 
 
+CANDIDATE_ENV = "FEDDMMR_CANDIDATE"
+
+
+def is_candidate(cwd: str | Path | None = None) -> bool:
+    """A run that may not move the champion by itself: the command said so (``FEDDMMR_CANDIDATE=1``: parameter
+    overrides or an output of its own given to ``feddmmr train``), or params.yaml differs from the commit's (a
+    DVC experiment with -S, a flow run or sweep with overrides, uncommitted edits)."""
+    if os.environ.get(CANDIDATE_ENV) == "1":
+        return True
+    cwd = cwd or os.getcwd()
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=cwd, capture_output=True).returncode:
+        return False                   # not a git work tree, or no commit: nothing to compare with
+    r = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "params.yaml"], cwd=cwd, capture_output=True)
+    return r.returncode == 1
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
@@ -204,6 +220,8 @@ class StageRun:
             tags["dvc_experiment"] = named
         if start_sha256:   # the weights this stage started from: its lineage (``lineage``)
             tags["feddmmr.start_sha256"] = start_sha256
+        if is_candidate():
+            tags["feddmmr.candidate"] = "true"
         output = str(Path(output).resolve()) if output is not None else ""
         self._end_stale_runs(output, keep=resume_run)
         if resume_run and self._reopen(resume_run):

@@ -292,3 +292,68 @@ def test_a_store_whose_disk_fills_mid_stage_is_one_warning_and_records_the_rest_
     run = next(c for c in children if c.data.tags["feddmmr.output"].endswith("/ck"))
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val.full.NDCG_at_10")) == list(range(31))
+
+
+def test_the_champion_moves_only_to_a_better_model_on_the_same_data_and_never_to_a_candidate(tmp_path, monkeypatch):
+    """A 2/1/1-round flow run with overrides (validation NDCG@10 0.137) used to replace a full run's (0.498)."""
+    from feddmmr.serving import CHAMPION, REGISTERED_MODEL, SELECTION, crown_champion
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("feddmmr")
+    client.create_registered_model(REGISTERED_MODEL)
+
+    def pipeline(score, data="A", candidate=False):
+        parent = client.create_run(exp, tags={"feddmmr.kind": "pipeline"}).info.run_id
+        tags = {"mlflow.parentRunId": parent, "feddmmr.kind": "stage", "feddmmr.stage": "pretrain_sasrec",
+                "prepared_sha256": data, **({"feddmmr.candidate": "true"} if candidate else {})}
+        run = client.create_run(exp, tags=tags).info.run_id
+        client.log_metric(run, SELECTION, score)
+        version = client.create_model_version(REGISTERED_MODEL, f"file://{tmp_path}/m", run_id=run).version
+        return str(version), crown_champion(client, exp, parent)
+
+    def champion():
+        v = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+        return str(v.version), v.tags.get("champion_reason", "")
+
+    full, crowned = pipeline(0.498)
+    assert crowned == full and champion() == (full, "the first champion: validation full NDCG@10 0.4980")
+    quick, crowned = pipeline(0.137)                                       # worse: the champion stays
+    assert crowned == full and champion()[0] == full
+    override, crowned = pipeline(0.9, candidate=True)                     # better, but a candidate
+    assert crowned == full and champion()[0] == full
+    other, crowned = pipeline(0.9, data="B")                              # other data: not comparable
+    assert crowned == full and champion()[0] == full
+    better, crowned = pipeline(0.6)
+    assert crowned == better and "0.6000 beat version" in champion()[1] and f"version {full}'s 0.4980" in champion()[1]
+    r = subprocess.run([sys.executable, "-m", "feddmmr", "promote", override, "--reason", "ablation winner"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and champion() == (override, "ablation winner"), r.stderr
+    r = subprocess.run([sys.executable, "-m", "feddmmr", "promote", "999"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "no version '999' of the registered model feddmmr" in r.stderr
+
+
+def test_a_train_command_with_overrides_or_its_own_output_is_a_candidate(tmp_path, monkeypatch):
+    from feddmmr.cli import build_parser
+    from feddmmr.config import Params
+    from feddmmr.tracking import CANDIDATE_ENV, is_candidate
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(CANDIDATE_ENV, raising=False)
+    assert not is_candidate()                                        # not a git work tree: nothing to compare with
+    subprocess.run(["git", "init", "-q"], check=True)
+    (tmp_path / "params.yaml").write_text("pretrain_sasrec:\n  rounds: 3\n")
+    subprocess.run(["git", "add", "params.yaml"], check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], check=True)
+    assert not is_candidate()
+    (tmp_path / "params.yaml").write_text("pretrain_sasrec:\n  rounds: 1\n")     # a DVC experiment's -S, an edit
+    assert is_candidate()
+    from feddmmr import cli
+    seen = []
+    monkeypatch.setattr("feddmmr.stages.train_stage", lambda *a, **k: seen.append(os.environ.get(CANDIDATE_ENV)) or dict.fromkeys(
+        ("stage", "best_round", "seconds_per_round", "test")))
+    for argv, expected in ((["train"], None), (["train", "--out", "checkpoints/pretrain_sasrec"], None),
+                           (["train", "--out", "ck7/typo"], "1"), (["train", "-S", "pretrain_sasrec.rounds=2"], "1")):
+        monkeypatch.delenv(CANDIDATE_ENV, raising=False)
+        cli._train(build_parser().parse_args(argv), Params())
+        assert seen.pop() == expected, argv
