@@ -11,12 +11,15 @@ for resume: a killed run continues after its last finished epoch.
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .client import ClientPool, LocalOptimizer
 from .config import Params, TrainParams, resolve_device, validate
@@ -31,6 +34,7 @@ from .stats import TEST_RANKS, save_test_ranks
 from .tracking import StageRun, flatten, prefixed
 
 STAGE = "centralized"
+log = logging.getLogger("feddmmr")
 
 
 def _epoch_windows(pool: ClientPool, epoch: int, c, gen: torch.Generator) -> list[tuple[torch.Tensor, ...]]:
@@ -65,24 +69,30 @@ def _fit(model, opt, pool, evaluator, c, state: Progress, resume: ResumeState, t
     epochs = [] if state.stopped else range(state.round + 1, c.epochs + 1)
     bar = tqdm(epochs, desc=STAGE, unit="epoch", disable=not progress, initial=state.round, total=c.epochs,
                dynamic_ncols=True)
-    for epoch in bar:
-        loss = _train_epoch(model, opt, pool, epoch, c, device)
-        val = evaluator.evaluate(model, "val")
-        state.history["train_loss"].append(loss)
-        state.history["val"].append(val)
-        score = pick(val, c.selection_metric)
-        if score > state.best_score:
-            state.best_score, state.best_round, state.improved_round = score, epoch, epoch
-            best = copy.deepcopy(model.state_dict())
-        state.round = epoch
-        state.stopped = epoch - state.improved_round >= c.patience or epoch == c.epochs
-        tracker.sync(lambda i: _record(state.history, i), epoch)
-        state.tracked_round = tracker.tracked_round
-        resume.save(state, {"model": model.state_dict(), "best": best, "optimizer": opt.state_tensors(),
-                            "rng": rng_state()})
-        bar.set_postfix(loss=f"{loss:.3f}", best=state.best_round)
-        if state.stopped:
-            break
+    with logging_redirect_tqdm():   # the per-epoch lines above the bar on a terminal
+        for epoch in bar:
+            start = time.perf_counter()
+            loss = _train_epoch(model, opt, pool, epoch, c, device)
+            val = evaluator.evaluate(model, "val")
+            log.info("%s epoch %d: loss %.4f val %s %.4f (%.1fs)", STAGE, epoch, loss, c.selection_metric,
+                     pick(val, c.selection_metric), time.perf_counter() - start)
+            state.history["train_loss"].append(loss)
+            state.history["val"].append(val)
+            score = pick(val, c.selection_metric)
+            if score > state.best_score:
+                state.best_score, state.best_round, state.improved_round = score, epoch, epoch
+                best = copy.deepcopy(model.state_dict())
+            state.round = epoch
+            state.stopped = epoch - state.improved_round >= c.patience or epoch == c.epochs
+            tracker.sync(lambda i: _record(state.history, i), epoch)
+            state.tracked_round = tracker.tracked_round
+            resume.save(state, {"model": model.state_dict(), "best": best, "optimizer": opt.state_tensors(),
+                                "rng": rng_state()})
+            bar.set_postfix(loss=f"{loss:.3f}", best=state.best_round)
+            if state.stopped:
+                if epoch < c.epochs:
+                    log.info("%s: early stop at epoch %d (best epoch %d)", STAGE, epoch, state.improved_round)
+                break
     bar.close()
     return best
 

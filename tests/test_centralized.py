@@ -33,6 +33,17 @@ def test_centralized_trains_evaluates_and_writes_a_loadable_checkpoint(tiny_prep
     assert (tmp_path / "ck" / "test_ranks.safetensors").is_file()
 
 
+def test_centralized_says_each_epoch_and_its_early_stop_as_the_stages_do(tiny_prepared, tmp_path, caplog):
+    p = _params()
+    p.centralized.epochs, p.centralized.patience, p.centralized.lr = 30, 1, 0.5   # a large step: stops early
+    with caplog.at_level("INFO", logger="feddmmr"):
+        metrics = run_baseline("centralized", p, tiny_prepared, tmp_path / "ck", tmp_path / "m.json")
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("centralized epoch ")]
+    assert len(epochs) == metrics["rounds_run"] < 30 and "val full/NDCG@10" in epochs[0]
+    assert f"centralized: early stop at epoch {metrics['rounds_run']} (best epoch {metrics['best_round']})" in \
+        caplog.messages
+
+
 def test_a_killed_centralized_run_resumes_after_its_last_epoch(tiny_prepared, tmp_path, monkeypatch):
     import feddmmr.centralized as central
     clean = run_baseline("centralized", _params(), tiny_prepared, tmp_path / "clean", tmp_path / "clean.json")
