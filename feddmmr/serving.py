@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from .errors import FeddmmrError, redact
@@ -58,6 +59,9 @@ def recommend_frame(rec: Recommender, frame: pd.DataFrame, k: int, include_known
     if len(frame) and has_user.all() and not has_history.any():
         return rec.for_users(list(users), k, include_known)
     if len(frame) and has_history.all() and not has_user.any():
+        bad = [h for h in histories if not isinstance(h, (list, tuple, np.ndarray))]
+        if bad:
+            raise FeddmmrError(f"a history is a list of original item ids, oldest first, e.g. [1, 2, 3]; got {bad[0]!r}")
         return rec.for_histories([list(h) for h in histories], k, include_known)
     raise FeddmmrError("each request row needs a user id or a history, and one request holds one kind: "
                        "[{\"user\": 10}, ...] or [{\"history\": [1, 2, 3]}, ...]")
@@ -84,9 +88,10 @@ def write_titles(path: Path, titles: dict[int, str]) -> None:
 
 def signature():
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
-    # user: Any, checked by Recommender (an exact integer): as "long", MLflow's JSON parsing turned 1.5 into user 1
-    inputs = Schema([ColSpec(AnyType(), "user", required=False), ColSpec(Array("long"), "history", required=False)])
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+    # Any, checked here (recommend_frame, Recommender): as "long", MLflow's JSON parsing turned a user id of 1.5
+    # into user 1, and a request mixing users and histories failed in MLflow's type conversion
+    inputs = Schema([ColSpec(AnyType(), "user", required=False), ColSpec(AnyType(), "history", required=False)])
     outputs = Schema([ColSpec("long", "request"), ColSpec("long", "user"), ColSpec("long", "rank"),
                       ColSpec("long", "item"), ColSpec("string", "title"), ColSpec("double", "score")])
     params = ParamSchema([ParamSpec("k", "long", DEFAULTS["k"]),

@@ -198,6 +198,13 @@ def test_mlflow_models_serve_answers_on_loopback(trained, tiny_prepared, tmp_pat
         with pytest.raises(urllib.error.HTTPError) as bad:                  # was served as user 1
             post(port, {"dataframe_records": [{"user": users[0] + 0.5}]})
         assert bad.value.code == 400 and "stack_trace" not in json.loads(bad.value.read())
+        for records, message in (([{"user": users[0]}, {"history": [3]}], "one request holds one kind"),
+                                 ([{"history": "123"}], "a history is a list of original item ids"),
+                                 ([{"history": [3, 5.5]}], "item id 5.5 is not an integer id")):
+            with pytest.raises(urllib.error.HTTPError) as bad:
+                post(port, {"dataframe_records": records})
+            error = json.loads(bad.value.read())
+            assert bad.value.code == 400 and message in error["message"] and "stack_trace" not in error, error
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)
