@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from .errors import FeddmmrError
 
@@ -136,24 +136,11 @@ def _seeded_stages_alone(project: Path) -> list[str]:
     return list(SEEDED) if tracked.returncode == 0 and clean else []
 
 
-def _floor_trained_before(runs: dict) -> Any:
-    """The popularity run on the seeds' data, when DVC restored the floor in every seed (dvc.lock has it)."""
-    from .tracking import latest_stage_run
-    uri, _, latest = next(iter(runs.values()))
-    data = next((r.data.tags["prepared_sha256"] for r in latest.values() if "prepared_sha256" in r.data.tags), None)
-    return latest_stage_run(uri, "popularity", data) if data else None
-
-
 def summarize(names: list[str], seeds: list[int], protocol: str = "full") -> str:
     """Mean and 95% interval over the seeds' experiments of each stage's test metrics; paired tests per seed."""
     from .stats import paired_test, seed_interval
     from .tracking import metric_name, pipeline_runs, test_ranks
-    runs = {seed: pipeline_runs(name) for seed, name in zip(seeds, names)}
-    floor = next((latest["popularity"] for _, _, latest in runs.values() if "popularity" in latest), None) \
-        or _floor_trained_before(runs)
-    for _, _, latest in runs.values():      # the floor does not depend on the seed: DVC restores it, no run
-        if floor is not None:
-            latest.setdefault("popularity", floor)
+    runs = {seed: pipeline_runs(name) for seed, name in zip(seeds, names)}   # each with the (restored) floor
     stages = [s for s in COLUMNS if all(s in latest for _, _, latest in runs.values())]
     lines = [f"test ({protocol}), mean ± 95% Student-t interval over seeds {', '.join(map(str, seeds))}",
              "metric".ljust(10) + "".join(s.rjust(22) for s in stages)]

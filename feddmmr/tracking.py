@@ -392,8 +392,9 @@ class StageRun:
 
 
 def pipeline_runs(pipeline: str | None = None) -> tuple[str, Any, dict[str, Any]]:
-    """(store URI, the pipeline's parent run, {stage: its latest run}) of pipeline run ``pipeline`` (a flow run's
-    or sweep's DVC experiment name, or the tag feddmmr.pipeline_key; default: the latest pipeline run)."""
+    """(store URI, the pipeline's parent run, {stage: its run}) of pipeline run ``pipeline`` (see ``_find_pipeline``;
+    default: the latest pipeline run): its stages by ``lineage``, and the popularity floor's run on the same prepared
+    data when DVC restored that stage instead of running it."""
     import mlflow
 
     uri = tracking_uri()
@@ -409,7 +410,13 @@ def pipeline_runs(pipeline: str | None = None) -> tuple[str, Any, dict[str, Any]
     if parent is None:
         raise FeddmmrError(f"no pipeline run {pipeline or ''} in {redact(uri)}; train a stage first (dvc repro), or name one "
                            f"by its run name in the MLflow UI, its DVC experiment, its run id or its pipeline key")
-    return uri, parent, lineage(client, exp.experiment_id, parent.info.run_id)
+    runs = lineage(client, exp.experiment_id, parent.info.run_id)
+    data = next((r.data.tags["prepared_sha256"] for r in runs.values() if "prepared_sha256" in r.data.tags), None)
+    if "popularity" not in runs and data:   # DVC restored the floor (it depends on the data alone): no run of its own
+        floor = latest_stage_run(uri, "popularity", data)
+        if floor is not None:
+            runs = {"popularity": floor, **runs}
+    return uri, parent, runs
 
 
 def _find_pipeline(client, exp_id: str, name: str | None):

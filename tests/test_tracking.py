@@ -357,3 +357,20 @@ def test_a_train_command_with_overrides_or_its_own_output_is_a_candidate(tmp_pat
         monkeypatch.delenv(CANDIDATE_ENV, raising=False)
         cli._train(build_parser().parse_args(argv), Params())
         assert seen.pop() == expected, argv
+
+
+def test_compare_shows_the_popularity_floor_that_dvc_restored(tiny_prepared, tmp_path, monkeypatch):
+    """A pipeline run whose popularity stage DVC restored (no run of its own) used to lose that column."""
+    from feddmmr.baselines import run_baseline
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    params = tiny_params(rounds=1)
+    params.tracking.log_models = False
+    monkeypatch.setenv("FEDDMMR_PIPELINE_RUN", "first")
+    floor = run_baseline("popularity", params, tiny_prepared, tmp_path / "pop", tmp_path / "pop.json")
+    monkeypatch.setenv("FEDDMMR_PIPELINE_RUN", "second")             # the next run: popularity restored by DVC
+    train_stage("pretrain_sasrec", params, tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False)
+    table = compare("second").splitlines()
+    assert table[1].split() == ["metric", "popularity", "pretrain_sasrec"]
+    row = next(line for line in table if line.startswith("test.full.NDCG_at_10"))
+    assert f"{floor['test']['full']['NDCG@10']:.4f}" in row
