@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
         from .baselines import run_baseline
         metrics = run_baseline(args.name, params, args.data, args.out or f"checkpoints/{args.name}",
                                args.metrics or f"metrics/{args.name}.json", progress=_progress(args))
-        print(json.dumps({k: metrics[k] for k in ("stage", "test")}, indent=2))
+        _print_json({k: metrics[k] for k in ("stage", "test")})
         return 0
     if args.command == "evaluate":
         from .data import load_prepared
@@ -303,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
         data = load_prepared(args.data)
         model, config, memory = load_checkpoint(args.checkpoint, data, args.features, diverged_ok=True)
         result = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size).evaluate(model, args.split, memory)
-        print(json.dumps({"checkpoint": str(args.checkpoint), "stage": config["stage"], "split": args.split, **result}, indent=2))
+        _print_json({"checkpoint": str(args.checkpoint), "stage": config["stage"], "split": args.split, **result})
         return 0
     raise AssertionError(args.command)
 
@@ -328,7 +328,7 @@ def _train(args: argparse.Namespace, params) -> int:
     else:
         metrics = train_stage(args.stage, params, args.data, out, metrics_path, progress=_progress(args),
                               features_dir=args.features, init_dir=args.init, restart=args.restart)
-    print(json.dumps({k: metrics[k] for k in ("stage", "best_round", "seconds_per_round", "test")}, indent=2))
+    _print_json({k: metrics[k] for k in ("stage", "best_round", "seconds_per_round", "test")})
     return 0
 
 
@@ -375,6 +375,11 @@ def _recommender(args: argparse.Namespace):
     rec = Recommender.load(checkpoint, args.data, args.features, item_titles(params.prepare, params.features_text.movies))
     return (lambda users, history, k, known: rec.for_users(users, k, known) if users is not None
             else rec.for_histories([history], k, known)), f"{rec.stage} checkpoint {checkpoint}"
+
+
+def _print_json(obj: dict) -> None:
+    """Indented for a person at a terminal; one line for a log, a pipe or the Prefect UI (one record, not 30)."""
+    print(json.dumps(obj, indent=2 if sys.stdout.isatty() else None))
 
 
 def _progress(args: argparse.Namespace) -> bool:

@@ -215,3 +215,15 @@ def test_a_diverged_checkpoint_is_refused_by_recommend_and_named_by_evaluate(tmp
     assert r.returncode == 2 and "holds the best finite round of a diverged pretrain_sasrec run" in r.stderr
     r = feddmmr("evaluate", "--checkpoint", str(ckpt), "--data", str(tiny_prepared), cwd=tmp_path)
     assert r.returncode == 0 and "warning:" in r.stderr and "diverged" in r.stderr and json.loads(r.stdout)["full"]
+
+
+def test_logs_for_machines_one_line_a_round_and_the_metrics_as_one_record(tmp_path, tiny_prepared):
+    """Under DVC or Prefect (no terminal) a 2-round stage sent 78 records: bar refreshes and the JSON line by line."""
+    r = feddmmr("train", "--data", str(tiny_prepared), "--out", str(tmp_path / "ck"), "--metrics",
+                str(tmp_path / "m.json"), *TINY, "-S", "pretrain_sasrec.rounds=2", "-S", "tracking.enabled=false",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 1 and json.loads(r.stdout)["stage"] == "pretrain_sasrec"
+    assert "\r" not in r.stderr and "%|" not in r.stderr                      # no progress bar
+    rounds = [line for line in r.stderr.splitlines() if line.startswith("pretrain_sasrec round ")]
+    assert len(rounds) == 2 and len(r.stderr.splitlines()) <= 4, r.stderr
