@@ -162,8 +162,8 @@ def _compare_parser(sub) -> None:
                        description="Print the best-validation and test metrics of every stage of a pipeline run, "
                                    "read from the MLflow store (MLFLOW_TRACKING_URI, default sqlite:///mlruns.db).")
     p.add_argument("--run", "--pipeline", dest="pipeline",
-                   help="pipeline run: a flow run's DVC experiment name, or the tag feddmmr.pipeline_key "
-                        "(default: the latest pipeline run)")
+                   help="pipeline run: its name in the MLflow UI (pipeline-<key> or a flow run's DVC experiment), "
+                        "its run id, or the tag feddmmr.pipeline_key (default: the latest pipeline run)")
     _add_protocol(p)
 
 
