@@ -87,6 +87,7 @@ def add_dvc_pipeline(root: Path) -> Path:
     import shutil
     shutil.copytree(REPO / "feddmmr", root / "feddmmr", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copy(REPO / ".dvcignore", root)
     return root
 
 
