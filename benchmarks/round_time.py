@@ -30,7 +30,8 @@ from feddmmr.features import extract, load_modalities
 from feddmmr.modalities import NAMES
 from feddmmr.server import select_clients
 from feddmmr.runtime import ThreadPool
-from feddmmr.stages import STAGE_SPECS, STAGES, build_memory, build_model
+from feddmmr.checkpoint import build_memory, build_model
+from feddmmr.stages import STAGE_SPECS, STAGES
 from feddmmr.workers import round_executor
 
 REPO = Path(__file__).resolve().parents[1]

@@ -155,7 +155,7 @@ def measure(args) -> dict:
     from feddmmr.metrics import Evaluator
     from feddmmr.model import group_of
     from feddmmr.server import select_clients
-    from feddmmr.stages import build_model
+    from feddmmr.checkpoint import build_model
 
     params = load_params(None)
     tp = getattr(params, args.stage)

@@ -29,7 +29,7 @@ from .io import atomic_dir, exclusive, save_tensors, write_json
 from .metrics import Evaluator, pick
 from .model.loss import batch_loss
 from .resume import Progress, ResumeState, code_sha256, rng_state, set_rng_state
-from .stages import build_model, model_config
+from .checkpoint import build_model, model_config
 from .stats import TEST_RANKS, save_test_ranks
 from .tracking import StageRun, flatten, prefixed
 

@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from .data import load_prepared
         from .metrics import Evaluator
-        from .stages import load_checkpoint
+        from .checkpoint import load_checkpoint
         data = load_prepared(args.data)
         model, config, memory = load_checkpoint(args.checkpoint, data, args.features, diverged_ok=True)
         result = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size).evaluate(model, args.split, memory)

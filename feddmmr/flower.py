@@ -151,7 +151,7 @@ class _Node:
         self.users = np.arange(self.part, self.data.num_users, self.parts)
         self.memory_job, self.features, self.memories = job.get("memory"), None, None
         if self.memory_job:
-            from .stages import stage_features
+            from .checkpoint import stage_features
             features_dir, state_dir = node_memory_dirs(context.node_config)
             feats = load_modalities(features_dir, self.data)
             other = [m for m, sha in self.memory_job["features"].items() if feats[m].sha256 != sha]

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .checkpoint import load_checkpoint
 from .data import Prepared, left_pad, load_prepared
 from .errors import FeddmmrError
 from .io import atomic_path
@@ -54,7 +55,6 @@ class Recommender:
     @classmethod
     def load(cls, checkpoint: str | Path, data_dir: str | Path, features_dir: str | Path,
              titles: dict[int, str] | None = None) -> Recommender:
-        from .stages import load_checkpoint
         data = load_prepared(data_dir)
         model, config, memory = load_checkpoint(checkpoint, data, features_dir)
         return cls(model, data, memory, titles or {}, config["stage"])

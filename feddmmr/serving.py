@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import mlflow
 import numpy as np
@@ -26,7 +27,7 @@ import pandas as pd
 
 from .errors import FeddmmrError, redact
 from .recommend import Recommender
-from .tracking import lineage, tracking_uri
+from .tracking import check_store, lineage, tracking_uri
 
 log = logging.getLogger("feddmmr")
 REGISTERED_MODEL = "feddmmr"
@@ -144,6 +145,17 @@ def log_stage_model(uri: str, client, exp_id: str, run_id: str, stage: str, chec
     return version.version
 
 
+def register_stage(model: dict) -> Callable[[Any], None]:
+    """The "registered model" step of a stage's MLflow run (``StageRun.finish(register=...)``): log the stage's
+    model (``log_stage_model``'s inputs in ``model``), register it, and move the champion if it earned it."""
+    def register(run) -> None:
+        version = log_stage_model(run.uri, run.client, run.exp_id, run.run_id, run.stage, **model)
+        champion = crown_champion(run.client, run.exp_id, run.parent_id)
+        log.info("MLflow: %s registered as %s version %s; %s is version %s", run.stage, REGISTERED_MODEL, version,
+                 CHAMPION, champion)
+    return register
+
+
 def crown_champion(client, exp_id: str, parent_run_id: str) -> str | None:
     """Move ``champion`` to the best stage of a pipeline run (by validation NDCG@10, among its lineage) only when
     that beats the current champion on the same prepared data and evaluation protocol (tag ``prepared_sha256``: the
@@ -184,7 +196,6 @@ def crown_champion(client, exp_id: str, parent_run_id: str) -> str | None:
 
 def promote_version(version: str, reason: str) -> str:
     """``feddmmr promote``: the champion moved to ``version`` in the store ``tracking_uri()``; what to print."""
-    from .tracking import check_store
     uri = tracking_uri()
     check_store(uri)
     client = mlflow.MlflowClient(uri)

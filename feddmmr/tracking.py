@@ -22,11 +22,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import FeddmmrError, TrackingIncomplete, redact
 from .interrupts import shielded
-from .io import load_tensors
+from .io import file_sha256, load_tensors
 
 log = logging.getLogger("feddmmr")
 EXPERIMENT = "feddmmr"
@@ -331,10 +331,10 @@ class StageRun:
 
     # ------------------------------------------------------------------ end
     def finish(self, record, upto: int, final_metrics: dict[str, float], artifacts: list[Path], checkpoint: Path,
-               param_diff: dict | None = None, model: dict | None = None) -> None:
+               param_diff: dict | None = None, register: Callable[[StageRun], None] | None = None) -> None:
         """Every missing round, the final metrics, artifacts, checkpoint reference, (for a later stage) the diff
-        to the previous stage and (given ``model``: ``serving.log_stage_model``'s inputs) the registered model;
-        then the run is FINISHED. Raises TrackingIncomplete naming what is missing."""
+        to the previous stage and (``register(run)``, e.g. ``serving.register_stage``) the registered model; then
+        the run is FINISHED. Raises TrackingIncomplete naming what is missing."""
         if not self.enabled:
             return
         self.sync(record, upto)
@@ -342,7 +342,7 @@ class StageRun:
                  *([("parameter diff", self._log_diff, param_diff)] if param_diff is not None else []),
                  ("artifacts", self._log_artifacts, artifacts),
                  ("checkpoint reference", self._tag_checkpoint, checkpoint),
-                 *([("registered model", self._log_model, model)] if model is not None else []),
+                 *([("registered model", register, self)] if register is not None else []),
                  ("FINISHED status", self._terminate, "FINISHED")]
         missing = [f"rounds {self.tracked_round + 1}-{upto}"] if self.tracked_round < upto else []
         for i, (what, fn, *args) in enumerate(steps):
@@ -369,16 +369,8 @@ class StageRun:
     def _tag_checkpoint(self, checkpoint: Path) -> None:
         weights = checkpoint / "model.safetensors"
         if weights.is_file():
-            from .io import file_sha256
             self.client.set_tag(self.run_id, "checkpoint", str(checkpoint.resolve()))
             self.client.set_tag(self.run_id, "checkpoint_sha256", file_sha256(weights))
-
-    def _log_model(self, model: dict) -> None:
-        from .serving import CHAMPION, REGISTERED_MODEL, crown_champion, log_stage_model
-        version = log_stage_model(self.uri, self.client, self.exp_id, self.run_id, self.stage, **model)
-        champion = crown_champion(self.client, self.exp_id, self.parent_id)
-        log.info("MLflow: %s registered as %s version %s; %s is version %s", self.stage, REGISTERED_MODEL, version,
-                 CHAMPION, champion)
 
     def _terminate(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)

@@ -8,7 +8,7 @@ from conftest import tiny_params
 from feddmmr.baselines import run_baseline
 from feddmmr.data import load_prepared
 from feddmmr.metrics import Evaluator
-from feddmmr.stages import load_checkpoint
+from feddmmr.checkpoint import load_checkpoint
 
 
 def _params():

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from feddmmr.data import load_prepared
-from feddmmr.stages import load_checkpoint
+from feddmmr.checkpoint import load_checkpoint
 
 TINY = ["-S", "model.hidden=16", "-S", "model.heads=2", "-S", "model.ffn_hidden=16", "-S", "model.blocks=1",
         "-S", "pretrain_sasrec.rounds=3", "-S", "pretrain_sasrec.client_fraction=0.5",

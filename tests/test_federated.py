@@ -5,7 +5,7 @@ from conftest import tiny_params
 from feddmmr.data import load_prepared
 from feddmmr.client import ClientPool, train_round_sequential, train_round_vectorized
 from feddmmr.server import FedAdam, FedAvgM, select_clients
-from feddmmr.stages import build_model
+from feddmmr.checkpoint import build_model
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_multimodal_executors_agree_on_weights_and_memories(setup, trainable_gro
     from conftest import tiny_stage_params, write_tiny_features
     from feddmmr.model import group_of
     from feddmmr.features import load_modalities
-    from feddmmr.stages import build_memory
+    from feddmmr.checkpoint import build_memory
     data, pool = setup
     params = tiny_stage_params(clients_per_chunk=3)
     params.model.dropout = 0.0
@@ -166,7 +166,7 @@ def test_trainable_tensor_without_gradient_stays_bit_identical_through_fedadam(s
     """No posters: the visual parameters train but get no gradient; FedAvg + FedAdam must not move them."""
     from conftest import tiny_stage_params, write_tiny_features
     from feddmmr.features import load_modalities
-    from feddmmr.stages import build_memory
+    from feddmmr.checkpoint import build_memory
     data, pool = setup
     params = tiny_stage_params()
     feats = load_modalities(write_tiny_features(tmp_path, data, visual=False), data)

@@ -10,7 +10,8 @@ from feddmmr.data import load_prepared
 from feddmmr.errors import FeddmmrError
 from feddmmr.io import load_tensors, save_tensors
 from feddmmr.model import group_of
-from feddmmr.stages import build_model, load_checkpoint, train_stage
+from feddmmr.checkpoint import build_model, load_checkpoint
+from feddmmr.stages import train_stage
 
 
 def _params(**kw):

@@ -10,7 +10,7 @@ from feddmmr.client import ClientPool, train_round_sequential
 from feddmmr.data import load_prepared
 from feddmmr.errors import FeddmmrError, SystemFailure
 from feddmmr.server import select_clients
-from feddmmr.stages import build_memory, build_model
+from feddmmr.checkpoint import build_memory, build_model
 from feddmmr.workers import Workers
 
 
