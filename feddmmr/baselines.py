@@ -21,7 +21,7 @@ from .config import Params
 from .data import Prepared, load_prepared
 from .errors import FeddmmrError
 from .io import atomic_dir, exclusive, write_json
-from .metrics import Evaluator
+from .metrics import Evaluator, write_metrics
 from .stats import TEST_RANKS, save_test_ranks
 from .tracking import StageRun, flatten, prefixed
 
@@ -69,7 +69,7 @@ def run_baseline(name: str, params: Params, data_dir: str | Path, out_dir: str |
             with atomic_dir(out_dir) as tmp:
                 save_test_ranks(tmp, ranks, name)
                 write_json(tmp / "config.json", {"baseline": name, **sections})
-            write_json(metrics_path, metrics)
+            write_metrics(metrics_path, metrics)
         except BaseException:
             tracker.fail("FAILED")
             raise

@@ -26,7 +26,7 @@ from .config import Params, TrainParams, resolve_device, validate
 from .data import Prepared, load_prepared
 from .errors import FeddmmrError
 from .io import atomic_dir, exclusive, save_tensors, write_json
-from .metrics import Evaluator, pick
+from .metrics import Evaluator, pick, write_metrics
 from .model.loss import batch_loss
 from .resume import Progress, ResumeState, code_sha256, rng_state, set_rng_state
 from .checkpoint import build_model, model_config
@@ -116,7 +116,7 @@ def _write(params, data, data_dir, model, evaluator, state, out_dir, metrics_pat
         write_json(tmp / "config.json", _config(params, data, data_dir, model, state))
         write_json(tmp / "train_history.json", {**state.history, "best_round": state.best_round, "test": test})
         save_test_ranks(tmp, ranks, STAGE)
-    write_json(metrics_path, metrics)
+    write_metrics(metrics_path, metrics)
     final = {"best_round": state.best_round, **prefixed(test, "test"), **prefixed(metrics["val"], "best_val")}
     tracker.finish(lambda i: _record(state.history, i), state.round, final,
                    [Path(out_dir) / "config.json", Path(out_dir) / TEST_RANKS, Path(metrics_path)], Path(out_dir))

@@ -118,7 +118,8 @@ Stages 2-3 need the feature files (`feddmmr features text|visual`) and keep a me
                    help="folder with text/ and visual/ feature outputs, stages 2-3 (default: features)")
     p.add_argument("--init", help="checkpoint to start from (default: checkpoints/<init_from> beside --out)")
     p.add_argument("--out", help="checkpoint directory (default: checkpoints/<stage>)")
-    p.add_argument("--metrics", help="metrics JSON file (default: metrics/<stage>.json)")
+    p.add_argument("--metrics", help="metrics JSON file (default: metrics/<stage>.json); the few that dvc exp show "
+                                     "lists go beside it (<stage>.summary.json)")
     p.add_argument("--engine", choices=["simulation", "flower"],
                    help="where the clients train (default: federation.engine in params.yaml, simulation): simulation "
                         "= on this machine; flower = on a Flower federation, the SuperLink at federation.superlink or "
@@ -154,7 +155,8 @@ def _baseline_parser(sub) -> None:
     p.add_argument("name", choices=["popularity", "centralized"], help="the baseline")
     p.add_argument("--data", default="data/prepared", help="prepared data directory (default: data/prepared)")
     p.add_argument("--out", help="output directory (default: checkpoints/<name>)")
-    p.add_argument("--metrics", help="metrics file (default: metrics/<name>.json)")
+    p.add_argument("--metrics", help="metrics file (default: metrics/<name>.json); the few that dvc exp show lists "
+                                     "go beside it (<name>.summary.json)")
 
 
 def _compare_parser(sub) -> None:
@@ -311,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, params) -> int:
     """One stage on this machine (the simulator) or on a Flower federation (``--engine flower``). With parameter
     overrides or an output of its own, the stage's model is a candidate: it never moves the champion by itself."""
-    if args.overrides or args.params != "params.yaml" or (args.out and Path(args.out) != Path(f"checkpoints/{args.stage}")):
+    own_out = args.out and Path(args.out) != Path(f"checkpoints/{args.stage}")
+    if args.overrides or args.params != "params.yaml" or own_out:
         os.environ["FEDDMMR_CANDIDATE"] = "1"
     from .stages import train_stage
     out = args.out or f"checkpoints/{args.stage}"

@@ -12,11 +12,14 @@ below 1 or a metric outside [0, 1] is a bug, never a result: ``rank_metrics`` ra
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from .data import Prepared, left_pad
 from .errors import ImpossibleMetric
+from .io import write_json
 
 
 def eval_inputs(data: Prepared, split: str) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
@@ -138,3 +141,25 @@ def pick(metrics: dict[str, dict[str, float]], name: str) -> float:
         return metrics[protocol][metric]
     except KeyError:
         raise KeyError(f"unknown selection metric {name!r}; use protocol/metric like full/NDCG@10 or sampled/HR@10") from None
+
+
+SUMMARY = (("val", "full", "NDCG@10"), ("test", "full", "HR@10"), ("test", "full", "NDCG@10"),
+           ("test", "sampled", "HR@10"), ("test", "sampled", "NDCG@10"))
+
+
+def summary_path(metrics_path: str | Path) -> Path:
+    """``metrics/<stage>.json`` -> ``metrics/<stage>.summary.json``."""
+    path = Path(metrics_path)
+    return path.with_name(f"{path.stem}.summary{path.suffix or '.json'}")
+
+
+def write_metrics(metrics_path: str | Path, metrics: dict) -> None:
+    """The stage's full metrics at ``metrics_path`` and, beside it, the few that ``dvc exp show`` lists
+    (``summary_path``: best round, validation full NDCG@10, test HR@10 and NDCG@10 under both protocols)."""
+    write_json(metrics_path, metrics)
+    summary: dict = {"best_round": metrics.get("best_round", 0)}
+    for split, protocol, name in SUMMARY:
+        value = metrics.get(split, {}).get(protocol, {}).get(name)
+        if value is not None:
+            summary.setdefault(split, {}).setdefault(protocol, {})[name] = value
+    write_json(summary_path(metrics_path), summary)

@@ -44,9 +44,9 @@ from .config import (MultimodalTrainParams, Params, TrainParams, resolve_device,
 from .data import Prepared, load_prepared
 from .errors import DivergedError, FeddmmrError, TrackingIncomplete
 from .features import item_titles, load_modalities
-from .io import (atomic_dir, exclusive, file_sha256, load_tensors, nonfinite, save_tensors, write_json)
+from .io import atomic_dir, exclusive, file_sha256, load_tensors, nonfinite, save_tensors, write_json
 from .memory import MemoryBank, read_pointer
-from .metrics import Evaluator, pick
+from .metrics import Evaluator, pick, write_metrics
 from .model import GROUPS, FedDMMR, group_of
 from .model.loss import FULL_LOSS_STAGES, LOSSES
 from .resume import Progress, ResumeState, code_sha256, rng_state, set_rng_state
@@ -456,7 +456,7 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
         save_test_ranks(tmp, ranks, stage)                                  # per user: paired tests (compare)
         if setup.report:
             write_json(tmp / "load_report.json", setup.report)
-    write_json(metrics_path, metrics)
+    write_metrics(metrics_path, metrics)
     record = lambda i: _round_record(history, i, memory is not None)  # noqa: E731
     if state.diverged:
         tracker.sync(record, state.round)

@@ -141,3 +141,22 @@ def test_every_line_of_readmes_quick_start_runs_on_the_reproduced_demo(project):
         r = subprocess.run(["bash", "-c", command], cwd=project, capture_output=True, text=True, env=env)
         assert r.returncode == 0, f"{command}: {r.stderr[-500:]}"
         assert r.stdout.strip(), command
+
+
+def test_dvc_lists_a_few_metrics_per_stage_and_keeps_every_one_at_hand(project):
+    """`dvc exp show` had 293 columns (every metric of every stage); it lists the summaries now."""
+    def leaves(x):
+        return sum(leaves(v) for v in x.values()) if isinstance(x, dict) else 1
+    r = dvc("metrics", "show", "--json", cwd=project)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    files = next(iter(shown.values()))["data"]
+    stages = ("pretrain_sasrec", "align_projectors", "finetune_moe", "popularity", "centralized")
+    assert sorted(files) == sorted(f"metrics/{s}.summary.json" for s in stages)
+    assert all(leaves(f["data"]) <= 6 for f in files.values())
+    summary = files["metrics/finetune_moe.summary.json"]["data"]
+    full = json.loads((project / "metrics" / "finetune_moe.json").read_text())
+    assert summary["test"]["full"]["NDCG@10"] == full["test"]["full"]["NDCG@10"]
+    assert summary["best_round"] == full["best_round"]
+    r = dvc("metrics", "show", "--json", "metrics/finetune_moe.json", cwd=project)   # every metric, on request
+    assert r.returncode == 0 and "MRR" in r.stdout, r.stderr
