@@ -151,9 +151,14 @@ def is_candidate(cwd: str | Path | None = None) -> bool:
     if os.environ.get(CANDIDATE_ENV) == "1":
         return True
     cwd = cwd or os.getcwd()
-    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=cwd, capture_output=True).returncode:
-        return False                   # not a git work tree, or no commit: nothing to compare with
-    r = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "params.yaml"], cwd=cwd, capture_output=True)
+    try:
+        if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=cwd, capture_output=True,
+                          timeout=10).returncode:
+            return False               # not a git work tree, or no commit: nothing to compare with
+        r = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "params.yaml"], cwd=cwd, capture_output=True,
+                           timeout=10)
+    except (OSError, subprocess.SubprocessError):   # no git here: nothing to compare with
+        return False
     return r.returncode == 1
 
 
