@@ -339,7 +339,8 @@ def test_a_train_command_with_overrides_or_its_own_output_is_a_candidate(tmp_pat
     from feddmmr.config import Params
     from feddmmr.tracking import CANDIDATE_ENV, is_candidate
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(CANDIDATE_ENV, raising=False)
+    monkeypatch.setenv(CANDIDATE_ENV, "")     # absent now, and absent again afterwards: _train sets it below
+    monkeypatch.delenv(CANDIDATE_ENV)
     assert not is_candidate()                                        # not a git work tree: nothing to compare with
     subprocess.run(["git", "init", "-q"], check=True)
     (tmp_path / "params.yaml").write_text("pretrain_sasrec:\n  rounds: 3\n")
