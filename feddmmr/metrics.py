@@ -91,10 +91,11 @@ class Evaluator:
                        else torch.zeros(len(batch), 1, dtype=torch.long)).to(device)
                 mem = {"mem_ids": ids, "visible": ids > 0}
             scores = self._worst_if_nonfinite(model.score_all(h, **mem))  # [b, I], column j = item j+1
-            pos = scores.gather(1, (target[sel].to(device) - 1).unsqueeze(1))  # [b, 1]
+            column = (target[sel].to(device) - 1).unsqueeze(1)            # [b, 1] the target's column
+            pos = scores.gather(1, column)                                  # [b, 1]
             h_rows, h_cols = _history(indptr, cols, batch, contiguous=users is None)
             scores[h_rows.to(device), (h_cols - 1).to(device)] = float("-inf")  # history never competes,
-            scores.scatter_(1, (target[sel].to(device) - 1).unsqueeze(1), pos)  # but a repeated target does
+            scores.scatter_(1, column, pos)                                 # but a repeated target does
             full.append((scores >= pos).sum(1).cpu())                   # target counts itself: rank >= 1
             if self.negatives.shape[1]:
                 neg = self._worst_if_nonfinite(model.score(h, self.negatives[sel].to(device), **mem))  # [b, N]

@@ -25,7 +25,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from .errors import FeddmmrError, redact
+from .errors import FeddmmrError
 from .recommend import Recommender
 from .tracking import check_store, lineage, tracking_uri
 
@@ -202,7 +202,7 @@ def promote_version(version: str, reason: str) -> str:
     try:
         v = client.get_model_version(REGISTERED_MODEL, str(version))
     except Exception:
-        raise FeddmmrError(f"no version {version!r} of the registered model {REGISTERED_MODEL} in {redact(uri)}; the "
+        raise FeddmmrError(f"no version {version!r} of the registered model {REGISTERED_MODEL} in {uri}; the "
                            f"MLflow UI's Models page lists them (or set MLFLOW_TRACKING_URI to the right store)") from None
     before = _champion(client)
     promote(client, str(v.version), reason)
@@ -236,7 +236,7 @@ class LoadedModel:
             with _fluent_store(store):
                 self.pyfunc = mlflow.pyfunc.load_model(uri)
         except MlflowException as exc:
-            raise FeddmmrError(f"MLflow model {uri} cannot be loaded from {redact(store)} ({redact(_message(exc))}); "
+            raise FeddmmrError(f"MLflow model {uri} cannot be loaded from {store} ({_message(exc)}); "
                                f"see the registered versions in the MLflow UI, or train a stage with "
                                f"tracking.log_models: true") from None
 

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import FeddmmrError, TrackingIncomplete, redact
+from .errors import FeddmmrError, TrackingIncomplete
 from .interrupts import shielded
 from .io import file_sha256, load_tensors
 
@@ -71,7 +71,7 @@ def _health(uri: str, timeout: float) -> str | None:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return None if resp.status == 200 else f"answered HTTP {resp.status} on /health"
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        return f"is unreachable ({redact(getattr(exc, 'reason', exc))})"
+        return f"is unreachable ({getattr(exc, 'reason', exc)})"
 
 
 def check_store(uri: str) -> None:
@@ -80,7 +80,7 @@ def check_store(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         problem = _health(uri, timeout=5)
         if problem:
-            raise FeddmmrError(f"MLflow tracking server {redact(uri)} {problem}; {fix}")
+            raise FeddmmrError(f"MLflow tracking server {uri} {problem}; {fix}")
     elif uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         parent = db.parent if str(db.parent) else Path(".")
@@ -102,7 +102,7 @@ def _short(exc: BaseException) -> str:
     if any(needle in text for text in chain for needle in ("disk is full", "No space left on device")):
         return "the store's disk is full (database or disk is full)"
     text = str(exc).strip().splitlines()
-    return redact(f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__)
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -203,7 +203,7 @@ class StageRun:
         except FeddmmrError:
             raise
         except Exception as exc:  # any unusable store: one line before training starts
-            raise FeddmmrError(f"MLflow store {redact(self.uri)} cannot be used ({_short(exc)}); fix it, point "
+            raise FeddmmrError(f"MLflow store {self.uri} cannot be used ({_short(exc)}); fix it, point "
                                f"MLFLOW_TRACKING_URI at a working store, or set tracking.enabled: false") from None
 
     # ------------------------------------------------------------------ start
@@ -241,7 +241,7 @@ class StageRun:
         items = [Param(k, str(v)[:6000]) for k, v in params_flat.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
-        log.info("MLflow: %s run %s (parent %s) in %s", stage, self.run_id, self.parent_id, redact(self.uri))
+        log.info("MLflow: %s run %s (parent %s) in %s", stage, self.run_id, self.parent_id, self.uri)
 
     def _experiment(self) -> str:
         exp = self.client.get_experiment_by_name(EXPERIMENT)
@@ -303,7 +303,7 @@ class StageRun:
         except Exception as exc:
             if self.down is None:
                 log.warning("MLflow %s did not record %s (%s); training goes on, and the missing records are sent "
-                            "when it answers again", redact(self.uri), what, _short(exc))
+                            "when it answers again", self.uri, what, _short(exc))
                 self.down = f"{what}: {_short(exc)}"
             return False
 
@@ -327,7 +327,7 @@ class StageRun:
                     return
                 self.tracked_round = step
         if self.down is not None:
-            log.warning("MLflow %s answers again; the missing rounds are recorded", redact(self.uri))
+            log.warning("MLflow %s answers again; the missing rounds are recorded", self.uri)
             self.down = None
 
     def log_dict(self, obj: dict, name: str) -> None:
@@ -356,7 +356,7 @@ class StageRun:
                 break
         if missing:
             raise TrackingIncomplete(
-                f"{self.stage}: checkpoint and metrics are written, but MLflow {redact(self.uri)} did not record "
+                f"{self.stage}: checkpoint and metrics are written, but MLflow {self.uri} did not record "
                 f"{', '.join(missing)} ({self.down}); re-run the same command (or `dvc repro`) when the store "
                 f"answers: it records them without training again")
 
@@ -399,13 +399,13 @@ def pipeline_runs(pipeline: str | None = None) -> tuple[str, Any, dict[str, Any]
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
-        raise FeddmmrError(f"no '{EXPERIMENT}' experiment in {redact(uri)}; train a stage first (dvc repro)")
+        raise FeddmmrError(f"no '{EXPERIMENT}' experiment in {uri}; train a stage first (dvc repro)")
     if pipeline is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}", pipeline):
         raise FeddmmrError(f"--run {pipeline!r}: a pipeline run is named by letters, digits and . _ : @ + - "
                            f"(its name in the MLflow UI, its DVC experiment, its run id or its pipeline key)")
     parent = _find_pipeline(client, exp.experiment_id, pipeline)
     if parent is None:
-        raise FeddmmrError(f"no pipeline run {pipeline or ''} in {redact(uri)}; train a stage first (dvc repro), or name one "
+        raise FeddmmrError(f"no pipeline run {pipeline or ''} in {uri}; train a stage first (dvc repro), or name one "
                            f"by its run name in the MLflow UI, its DVC experiment, its run id or its pipeline key")
     runs = lineage(client, exp.experiment_id, parent.info.run_id)
     data = next((r.data.tags["prepared_sha256"] for r in runs.values() if "prepared_sha256" in r.data.tags), None)
@@ -486,7 +486,7 @@ def compare(pipeline: str | None = None, protocol: str = "full") -> str:
     rows = ["best_round"] + [f"{split}.{protocol}.{m}" for split in ("best_val", "test")
                              for m in ("HR_at_5", "HR_at_10", "HR_at_20", "NDCG_at_5", "NDCG_at_10", "NDCG_at_20", "MRR")]
     width = max(len(r) for r in rows) + 2
-    lines = [f"pipeline {parent.data.tags.get('feddmmr.pipeline_key')} (run {parent.info.run_id}) in {redact(uri)}",
+    lines = [f"pipeline {parent.data.tags.get('feddmmr.pipeline_key')} (run {parent.info.run_id}) in {uri}",
              "metric".ljust(width) + "".join(s.rjust(18) for s in stages)]
     for r in rows:
         vals = []
