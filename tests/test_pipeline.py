@@ -45,6 +45,17 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(project):
     assert r.returncode == 0 and "finetune_moe" in r.stdout
 
 
+def test_bytecode_caches_leave_every_stage_up_to_date(project):
+    """Running the library writes feddmmr/__pycache__ (where PYTHONDONTWRITEBYTECODE is unset, as on most
+    machines): that must not change the code hash of any stage, or every stage would rerun after any command
+    and a flow run's clone (no caches) would never match DVC's run-cache."""
+    import compileall
+    assert compileall.compile_dir(project / "feddmmr", quiet=1, force=True)
+    assert list((project / "feddmmr").rglob("*.pyc"))
+    status = dvc("status", cwd=project)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+
+
 def test_dvc_repro_rebuilds_only_what_changed(project):
     assert "up to date" in dvc("status", cwd=project).stdout
     params = yaml.safe_load((project / "params.yaml").read_text())
