@@ -11,13 +11,17 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: install repro test bench
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed .dvc/plots/page.html
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,flower]'
 	touch $@
+
+# the page `dvc plots show` fills, with vega inlined so that it draws offline (feddmmr/plots_page.py)
+.dvc/plots/page.html: feddmmr/plots_page.py $(VENV)/.installed
+	$(BIN)/python -m feddmmr.plots_page --cdn-if-missing
 
 repro: install
 	PATH=$(BIN):$$PATH dvc repro

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import add_dvc_pipeline, write_tiny_project
+from conftest import REPO, add_dvc_pipeline, write_tiny_project
 
 BIN = Path(sys.executable).parent
 
@@ -171,3 +171,55 @@ def test_dvc_lists_a_few_metrics_per_stage_and_keeps_every_one_at_hand(project):
     assert summary["best_round"] == full["best_round"]
     r = dvc("metrics", "show", "--json", "metrics/finetune_moe.json", cwd=project)   # every metric, on request
     assert r.returncode == 0 and "MRR" in r.stdout, r.stderr
+
+
+# Counts what each panel's colour scale holds, once vega-embed has drawn it (an observer of the page's own
+# vegaEmbed calls, added after the page's scripts; the page and its scripts are used as `dvc plots show` wrote them).
+_OBSERVER = """<script>
+const drawn = [];
+const embed = window.vegaEmbed;
+window.vegaEmbed = (el, spec, opts) => embed(el, spec, opts).then(r => {
+  const colour = r.view.scale('color');
+  drawn.push({title: spec.title.text, series: colour.domain().length, colours: new Set(colour.domain().map(d => colour(d))).size});
+  document.getElementById('observed').textContent = JSON.stringify(drawn);
+  return r;
+}, e => { document.getElementById('observed').textContent = 'error: ' + e; });
+</script>"""
+
+
+def _chromium() -> str:
+    import shutil
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    return exe
+
+
+def test_dvc_plots_page_draws_offline_with_a_colour_per_series(project, tmp_path):
+    """`dvc plots show` with the project's template and page, opened in headless Chromium with every host name
+    unresolvable: all four panels draw, each series in its own colour."""
+    import re
+    import shutil
+    page = REPO / ".dvc" / "plots" / "page.html"
+    if not page.is_file():
+        pytest.skip(f"{page} is missing: `make install` writes it (python -m feddmmr.plots_page)")
+    shutil.copytree(REPO / ".dvc" / "plots", project / ".dvc" / "plots", dirs_exist_ok=True)
+    assert dvc("config", "plots.html_template", "plots/page.html", cwd=project).returncode == 0
+    r = dvc("plots", "show", "-o", str(tmp_path / "plots"), cwd=project)
+    assert r.returncode == 0, r.stdout + r.stderr
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert not re.search(r"<script[^>]+src=", html), "the page loads a script from elsewhere"
+    head, _, body = html.rpartition("</head>")   # the last one: vega-embed's script holds page text too
+    html = head + _OBSERVER + "</head>" + body.replace("<body>", "<body><pre id='observed'></pre>", 1)
+    (tmp_path / "plots" / "observed.html").write_text(html)
+    dom = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+         "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path / 'profile'}",
+         "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=10000", "--dump-dom",
+         (tmp_path / "plots" / "observed.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    observed = re.search(r"<pre id=\"observed\">(.*?)</pre>", dom, re.S)
+    assert observed and observed.group(1).startswith("["), (observed.group(1) if observed else dom[-2000:])
+    panels = {p["title"]: p for p in json.loads(observed.group(1).replace("&quot;", '"'))}
+    assert {t: p["series"] for t, p in panels.items()} == {
+        "validation NDCG@10": 6, "validation HR@10": 6, "train loss": 3, "gate and router weights": 6}
+    assert all(p["colours"] == p["series"] for p in panels.values()), panels
