@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
+from mlflow.entities import LoggedModelOutput
 import numpy as np
 import pandas as pd
 
@@ -123,6 +124,13 @@ def _fluent_store(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
+DESCRIPTION = (
+    "FedDMMR recommenders: one version per training stage of every pipeline run (tag `stage`). The alias "
+    "`champion` is the best model by validation full NDCG@10 on the same prepared data; it moves only to a model "
+    "that beats it, never to a candidate run (overrides or an own output folder), or on purpose with "
+    "`feddmmr promote VERSION --reason ...`; each champion version's tag `champion_reason` says why.")
+
+
 def log_stage_model(uri: str, client, exp_id: str, run_id: str, stage: str, checkpoint: Path, data: Path,
                     features: Path | None, titles: dict[int, str], example_user: int) -> str:
     """Log the stage's model with its MLflow run and register it as a version of ``feddmmr``; its version.
@@ -141,7 +149,11 @@ def log_stage_model(uri: str, client, exp_id: str, run_id: str, stage: str, chec
             name=stage, python_model=str(Path(__file__).with_name("mlflow_model.py")), artifacts=artifacts,
             code_paths=[str(Path(__file__).parent)], signature=signature(), pip_requirements=requirements(),
             input_example=(pd.DataFrame({"user": [example_user]}), {"k": 10}), model_id=logged.model_id)
+        # the run's output (MLflow's run page lists it under "Logged models", the model page links the run)
+        client.log_outputs(run_id, [LoggedModelOutput(model_id=logged.model_id, step=0)])
         version = mlflow.register_model(info.model_uri, REGISTERED_MODEL, tags={"stage": stage})
+    if not client.get_registered_model(REGISTERED_MODEL).description:
+        client.update_registered_model(REGISTERED_MODEL, description=DESCRIPTION)
     return version.version
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -24,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import FeddmmrError, TrackingIncomplete
+from .errors import FeddmmrError, TrackingIncomplete, redact
 from .interrupts import shielded
 from .io import file_sha256, load_tensors
 
@@ -57,6 +58,17 @@ def tracking_uri(cwd: str | Path | None = None) -> str:
         os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password or ""))
         uri = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     return uri
+
+
+def ui_url(exp_id: str, run_id: str | None = None, uri: str = "") -> str:
+    """The MLflow UI's page of the experiment (or of one run) in its model-training view: MLflow 3 opens every
+    experiment in its GenAI view unless the link asks (``workflowType``; the browser remembers the last choice).
+    The UI's address is FEDDMMR_MLFLOW_UI, else the tracking server ``uri`` itself, else that of `mlflow ui`
+    on a local store (http://127.0.0.1:5000)."""
+    server = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    ui = (os.environ.get("FEDDMMR_MLFLOW_UI") or server).rstrip("/")
+    page = f"experiments/{exp_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{ui}/#/{page}?workflowType=machine_learning"
 
 
 def _health(uri: str, timeout: float) -> str | None:
@@ -169,6 +181,18 @@ def git_commit() -> str:
         return ""
 
 
+def _source_tags(commit: str) -> dict[str, str]:
+    """MLflow's own source tags: the UI's "Source", "Created by" and git columns of a run."""
+    import getpass
+    command = redact(" ".join(["feddmmr", *sys.argv[1:]]))   # the command line that ran the stage
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": command[:500]}
+    with contextlib.suppress(Exception):   # no user name (a container with an arbitrary uid)
+        tags["mlflow.user"] = getpass.getuser()
+    if commit and commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 class StageRun:
     """The MLflow child run of one stage; a no-op when tracking is disabled.
 
@@ -217,7 +241,8 @@ class StageRun:
         data_sha = hashlib.sha256(json.dumps(data_meta["source_sha256"], sort_keys=True).encode()).hexdigest()
         key = os.environ.get("FEDDMMR_PIPELINE_RUN") or hashlib.sha256(f"{commit}:{data_sha}".encode()).hexdigest()[:16]
         tags = {"feddmmr.pipeline_key": key, "git_commit": commit, "data_sha256": data_sha,
-                "prepared_sha256": prepared_sha256(data_meta), "data_source": str(data_meta.get("path", ""))}
+                "prepared_sha256": prepared_sha256(data_meta), "data_source": str(data_meta.get("path", "")),
+                **_source_tags(commit)}
         flow_run, named = os.environ.get("PREFECT__FLOW_RUN_ID"), os.environ.get("FEDDMMR_PIPELINE_RUN")
         if flow_run:
             tags["prefect_flow_run_id"] = flow_run
@@ -241,7 +266,8 @@ class StageRun:
         items = [Param(k, str(v)[:6000]) for k, v in params_flat.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
-        log.info("MLflow: %s run %s (parent %s) in %s", stage, self.run_id, self.parent_id, self.uri)
+        log.info("MLflow: %s run %s (parent %s) in %s: %s", stage, self.run_id, self.parent_id, self.uri,
+                 ui_url(self.exp_id, self.run_id, self.uri))
 
     def _experiment(self) -> str:
         exp = self.client.get_experiment_by_name(EXPERIMENT)

@@ -74,7 +74,7 @@ def mlflow_link(ws: Workspace, stage: str) -> str:
     import mlflow
 
     from feddmmr.io import file_sha256
-    from feddmmr.tracking import EXPERIMENT, tracking_uri
+    from feddmmr.tracking import EXPERIMENT, tracking_uri, ui_url
     try:
         client = mlflow.MlflowClient(tracking_uri(ws.path))
         exp = client.get_experiment_by_name(EXPERIMENT)
@@ -85,9 +85,8 @@ def mlflow_link(ws: Workspace, stage: str) -> str:
         return f"(no MLflow run found: {str(exc).splitlines()[0]})"
     if not runs:
         return "(no MLflow run records this checkpoint: tracking off?)"
-    ui = os.environ.get("FEDDMMR_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
     run_id = runs[0].info.run_id
-    return f"[run {run_id[:8]}]({ui}/#/experiments/{exp.experiment_id}/runs/{run_id})"
+    return f"[run {run_id[:8]}]({ui_url(exp.experiment_id, run_id, client.tracking_uri)})"
 
 
 @flow(name=STEP_FLOW, log_prints=True)

@@ -64,6 +64,7 @@ def test_two_deployment_runs_at_once_become_two_dvc_experiments(tmp_path):
             arts = api(port, "artifacts/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
             by_key = {a["key"]: a["data"] for a in arts}
             assert "| test | full |" in by_key["finetune-moe-metrics"] and "/#/experiments/" in by_key["finetune-moe-metrics"]
+            assert "?workflowType=machine_learning)" in by_key["finetune-moe-metrics"]   # the training view
             assert "| test sampled NDCG@10 |" in by_key["stage-comparison"]
         experiments = subprocess.run([str(BIN / "dvc"), "exp", "list", "--name-only"], cwd=project, env=env,
                                      capture_output=True, text=True).stdout.split()

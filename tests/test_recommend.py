@@ -144,7 +144,11 @@ def test_each_stage_registers_a_version_and_the_champion_is_the_best_stage(train
         assert run.data.tags["feddmmr.stage"] == stage and run.info.status == "FINISHED"
         assert v.source.startswith("models:/m-")
         logged = client.get_logged_model(v.source.removeprefix("models:/"))
-        assert logged.source_run_id == v.run_id and logged.name == stage       # listed under the run's models
+        assert logged.source_run_id == v.run_id and logged.name == stage
+        outputs = [o.model_id for o in run.outputs.model_outputs]
+        assert outputs == [logged.model_id]                # the run page's "Logged models" links it
+        assert run.data.tags["mlflow.source.name"].startswith("feddmmr ")    # the UI's "Source"
+    assert "`champion`" in client.get_registered_model(REGISTERED_MODEL).description
     best = max(STAGES, key=lambda s: (trained["metrics"][s]["val"]["full"]["NDCG@10"], STAGES.index(s)))
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
     assert champion.version == versions[best].version

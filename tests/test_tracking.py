@@ -375,3 +375,14 @@ def test_compare_shows_the_popularity_floor_that_dvc_restored(tiny_prepared, tmp
     assert table[1].split() == ["metric", "popularity", "pretrain_sasrec"]
     row = next(line for line in table if line.startswith("test.full.NDCG_at_10"))
     assert f"{floor['test']['full']['NDCG@10']:.4f}" in row
+
+
+def test_mlflow_links_open_the_model_training_view(monkeypatch):
+    """MLflow 3.17's UI opens an experiment in its GenAI view unless the link asks for the training view."""
+    from feddmmr.tracking import ui_url
+    monkeypatch.delenv("FEDDMMR_MLFLOW_UI", raising=False)
+    assert ui_url("1", "abc", "sqlite:////p/mlruns.db") == \
+        "http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning"
+    assert ui_url("7", uri="http://mlflow.lab:8080/") == "http://mlflow.lab:8080/#/experiments/7?workflowType=machine_learning"
+    monkeypatch.setenv("FEDDMMR_MLFLOW_UI", "http://127.0.0.1:5001/")
+    assert ui_url("7", uri="http://mlflow:5000").startswith("http://127.0.0.1:5001/#/experiments/7?")
