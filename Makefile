@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install repro test bench
+.PHONY: install repro test bench docs
 
 install: $(VENV)/.installed .dvc/plots/page.html
 
@@ -31,3 +31,6 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/round_time.py
+
+docs: install
+	$(BIN)/mkdocs build --strict   # site/index.html; a broken link or a page missing from the nav fails

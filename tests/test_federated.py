@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_params
 from feddmmr.data import load_prepared
 from feddmmr.client import ClientPool, train_round_sequential, train_round_vectorized
-from feddmmr.server import FedAdam, FedAvgM, select_clients
+from feddmmr.server import SERVER_OPTIMIZERS, FedAdam, FedAvgM, select_clients
 from feddmmr.checkpoint import build_model
 
 
@@ -285,3 +285,20 @@ def test_partial_sums_of_client_groups_equal_fedavg_of_the_clients(rows_per_clie
     for _, _, r in clients:
         untouched[r["table"]] = False
     assert torch.equal(b["table"][untouched], global_params["table"][untouched])
+
+
+@pytest.mark.parametrize("name", sorted(SERVER_OPTIMIZERS))
+def test_every_server_optimizer_leaves_frozen_tensors_bit_identical_and_resumes_exactly(name):
+    """The contract a new server optimizer must keep (docs: Extending): a tensor with a zero update and no
+    state comes back unchanged; a resumed optimizer (state_dict) takes the same next step."""
+    cur = {"a": torch.zeros(4), "frozen": torch.ones(2)}
+    avg = {"a": torch.tensor([1e-3, -2.0, 0.5, 0.0]), "frozen": torch.ones(2)}
+    opt = SERVER_OPTIMIZERS[name](0.01, 0.9)
+    first = opt.step(cur, {k: v.clone() for k, v in avg.items()})
+    assert torch.equal(first["frozen"], cur["frozen"])
+    resumed = SERVER_OPTIMIZERS[name](0.01, 0.9)
+    resumed.load_state_dict(*opt.state_dict(), device="cpu")
+    nxt = {"a": torch.tensor([0.2, 0.1, -0.3, 0.05]), "frozen": torch.ones(2)}
+    a = opt.step({k: v.clone() for k, v in first.items()}, {k: v.clone() for k, v in nxt.items()})
+    b = resumed.step({k: v.clone() for k, v in first.items()}, {k: v.clone() for k, v in nxt.items()})
+    assert all(torch.equal(a[k], b[k]) for k in a)
