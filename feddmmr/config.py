@@ -263,7 +263,6 @@ RANGES: dict[str, tuple[str, Any]] = {
     "align_projectors.init_from": ("pretrain_sasrec", lambda v: v == "pretrain_sasrec"),
     "finetune_moe.init_from": ("align_projectors or pretrain_sasrec", lambda v: v in ("align_projectors",
                                                                                      "pretrain_sasrec")),
-    "federation.engine": ("simulation or flower", lambda v: v in ("simulation", "flower")),
     "federation.nodes": _AT_LEAST_1, "federation.timeout": _POSITIVE,
     "runtime.threads": (">= 0 (0 = follow the free CPUs)", lambda v: v >= 0),
     "prepare.min_user_interactions": (">= 3 (leave-one-out needs train, validation and test items)", lambda v: v >= 3),
@@ -280,6 +279,38 @@ LIMITS: dict[str, int] = {
     "num_negatives": 100_000, "eval_negatives": 100_000, "batch_size": 65_536, "clients_per_chunk": 100_000,
     "st_capacity": 10_000, "lt_capacity": 100_000, "retrieve_lt": 100_000, "local_epochs": 10_000,
 }
+
+
+# Every parameter with a closed set of values, for every section that has it (the trainers' registries,
+# client.CLIENT_OPTIMIZERS, server.SERVER_OPTIMIZERS, model.loss.LOSSES and client.EXECUTORS, are checked
+# against these by tests/test_house.py)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("sgd", "adam"),
+    "server_optimizer": ("sgd", "adam"),
+    "loss": ("ce", "bpr", "full"),
+    "executor": ("auto", "sequential", "vectorized"),
+    "keep": ("best", "last"),
+    "engine": ("simulation", "flower"),
+}
+
+
+def _check_choices(params: Params) -> None:
+    ks = params.evaluation.ks
+    metrics = {f"{m}@{k}" for m in ("HR", "NDCG") for k in ks} | {"MRR"}
+    for section in fields(params):
+        obj = getattr(params, section.name)
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if f.name in CHOICES and value not in CHOICES[f.name]:
+                raise _bad(section.name, f.name, f"one of {', '.join(CHOICES[f.name])}", value)
+            if f.name == "selection_metric":
+                protocol, _, metric = str(value).partition("/")
+                if protocol not in ("full", "sampled") or metric not in metrics:
+                    raise _bad(section.name, f.name, "full/ or sampled/ followed by one of "
+                               f"{', '.join(sorted(metrics))}", value)
+            if f.name == "device" and value != "auto" and value not in ("cpu", "cuda") \
+                    and not str(value).startswith("cuda:"):
+                raise _bad(section.name, f.name, "auto, cpu, cuda or cuda:N", value)
 
 
 def _bad(section: str, key: str, rule: str, value: Any) -> FeddmmrError:
@@ -306,6 +337,7 @@ def validate(params: Params) -> None:
         raise _bad("memory", "retrieve_lt", f"<= memory.lt_capacity ({mem.lt_capacity})", mem.retrieve_lt)
     if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
         raise _bad("evaluation", "ks", "a non-empty list of integers >= 1", ks)
+    _check_choices(params)
     for section in fields(params):
         used = getattr(getattr(params, section.name), "modalities", None)
         if used is not None and (not used or not set(used) <= set(NAMES) or len(set(used)) != len(used)):

@@ -32,11 +32,11 @@ from .errors import FeddmmrError
 ENV = "FEDDMMR_THREADS"
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+def usable_cpus(cpu_max: str | Path = "/sys/fs/cgroup/cpu.max") -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (``cpu_max``)."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = Path(cpu_max).read_text().split()[:2]
         if quota != "max":
             n = min(n, max(1, math.floor(int(quota) / int(period))))
     except (OSError, ValueError):

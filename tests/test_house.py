@@ -1,4 +1,5 @@
 """The house: the package's import graph has no cycle, counting every import, deferred ones too."""
+import pytest
 import ast
 from pathlib import Path
 
@@ -54,3 +55,32 @@ def test_the_package_has_no_import_cycle():
 def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_choice_has_one_home_that_matches_what_the_trainers_run():
+    """config.CHOICES is where choices are checked, for every trainer; the registries the trainers pick from
+    must offer exactly those (a choice listed but not implemented, or implemented but refused, fails here)."""
+    from feddmmr.client import CLIENT_OPTIMIZERS, EXECUTORS
+    from feddmmr.config import CHOICES
+    from feddmmr.model.loss import LOSSES
+    from feddmmr.server import SERVER_OPTIMIZERS
+    assert set(CHOICES["optimizer"]) == set(CLIENT_OPTIMIZERS)
+    assert set(CHOICES["server_optimizer"]) == set(SERVER_OPTIMIZERS)
+    assert set(CHOICES["loss"]) == set(LOSSES)
+    assert set(CHOICES["executor"]) == {"auto", *EXECUTORS}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("centralized.optimizer=adamw", "params: centralized.optimizer must be one of sgd, adam, got 'adamw'"),
+    ("centralized.loss=hinge", "params: centralized.loss must be one of ce, bpr, full, got 'hinge'"),
+    ("centralized.selection_metric=full/NDCG@50", "params: centralized.selection_metric must be full/ or sampled/"),
+    ("pretrain_sasrec.keep=first", "params: pretrain_sasrec.keep must be one of best, last, got 'first'"),
+    ("features_text.device=gpu", "params: features_text.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_a_choice_outside_its_set_is_refused_for_every_trainer(override, message):
+    """`-S centralized.optimizer=adamw` used to be accepted and silently train Adam."""
+    from feddmmr.config import load_params, validate
+    from feddmmr.errors import FeddmmrError
+    with pytest.raises(FeddmmrError) as err:
+        validate(load_params(None, [override]))
+    assert str(err.value).startswith(message), str(err.value)

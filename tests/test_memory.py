@@ -78,3 +78,18 @@ def test_combined_features_are_unit_or_zero():
     c = combined_features({"visual": (v, vm), "text": (t, tm)})
     norms = c.norm(dim=-1)
     assert norms[0] == 0 and torch.allclose(norms[1:], torch.ones(3))
+
+
+def test_a_surprise_exactly_at_the_threshold_enters_long_term_memory_and_one_just_below_does_not():
+    """The threshold is inclusive (SPEC: surprise reached the threshold), and so is the merge threshold."""
+    below = np.nextafter(np.float64(0.5), 0.0)
+    m = bank()
+    writes = m.observe(0, np.array([1, 2]), np.array([1, 2]), np.array([0.5, below]))
+    assert writes == 1 and m.lt_ids[0][m.lt_ids[0] > 0].tolist() == [1]
+    comb = torch.zeros(4, 2, dtype=torch.float64)
+    comb[1] = torch.tensor([1.0, 0.0])
+    comb[2] = torch.tensor([0.6, 0.8])                         # cosine with item 1: 0.6
+    at = bank(comb=comb.float(), merge_threshold=float(np.float32(0.6)))
+    assert at.observe(0, np.array([1, 2]), np.array([1, 2]), np.ones(2)) == 1         # merged: 0.6 >= 0.6
+    over = bank(comb=comb.float(), merge_threshold=0.61)
+    assert over.observe(0, np.array([1, 2]), np.array([1, 2]), np.ones(2)) == 2       # kept apart

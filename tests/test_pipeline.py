@@ -140,9 +140,13 @@ def test_every_line_of_readmes_quick_start_runs_on_the_reproduced_demo(project):
     """README's quick-start block, line by line, in a project `dvc repro` trained on the demo data (the README's
     recommend example used ML-1M ids and failed there)."""
     import re
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"<!-- quick-start -->\n```bash\n(.*?)```", readme, re.S)
-    assert block, "README.md has no <!-- quick-start --> block"
+    blocks = {}
+    for page in ("README.md", "docs/getting-started.md"):   # the same block in both, so both run
+        found = re.search(r"<!-- quick-start -->\n```bash\n(.*?)```", (REPO / page).read_text(), re.S)
+        assert found, f"{page} has no <!-- quick-start --> block"
+        blocks[page] = found
+    block = blocks["README.md"]
+    assert blocks["docs/getting-started.md"].group(1) == block.group(1)
     lines = [line.split("  #")[0].strip() for line in block.group(1).splitlines()]
     commands = [line for line in lines if line and not line.startswith("source ")]
     assert len(commands) >= 4
@@ -223,3 +227,18 @@ def test_dvc_plots_page_draws_offline_with_a_colour_per_series(project, tmp_path
     assert {t: p["series"] for t, p in panels.items()} == {
         "validation NDCG@10": 6, "validation HR@10": 6, "train loss": 3, "gate and router weights": 6}
     assert all(p["colours"] == p["series"] for p in panels.values()), panels
+
+
+def test_every_column_dvc_yaml_plots_is_one_that_rounds_csv_has(project):
+    """Renaming a column of rounds.csv broke `dvc plots` silently: each panel's x and y must be columns of the
+    file the stage writes."""
+    import csv
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    assert plots
+    for panel in plots:
+        (title, spec), = panel.items()
+        for path, columns in spec["y"].items():
+            with open(project / path, newline="") as f:
+                header = next(csv.reader(f))
+            wanted = [spec["x"], *([columns] if isinstance(columns, str) else columns)]
+            assert set(wanted) <= set(header), f"{title}: {path} has no {sorted(set(wanted) - set(header))}"

@@ -50,9 +50,15 @@ def test_a_fixed_thread_count_wins_and_the_environment_wins_over_params(monkeypa
         runtime.ThreadPool(0)
 
 
-def test_usable_cpus_is_at_most_the_affinity_mask():
+def test_usable_cpus_is_the_affinity_mask_capped_by_the_cgroup_quota(tmp_path, monkeypatch):
     import os
     assert 1 <= runtime.usable_cpus() <= len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    cpu_max = tmp_path / "cpu.max"
+    for quota, cpus in (("max 100000", 4), ("250000 100000", 2), ("800000 100000", 4), ("50000 100000", 1)):
+        cpu_max.write_text(quota + "\n")
+        assert runtime.usable_cpus(cpu_max) == cpus, quota
+    assert runtime.usable_cpus(tmp_path / "no-cgroup-v2") == 4
 
 
 def test_the_training_workers_cpu_time_is_not_taken_for_other_processes_load(monkeypatch):
