@@ -17,7 +17,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -25,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import FeddmmrError, TrackingIncomplete, redact
+from .errors import FeddmmrError, TrackingIncomplete
 from .interrupts import shielded
 from .io import file_sha256, load_tensors
 
@@ -181,11 +180,11 @@ def git_commit() -> str:
         return ""
 
 
-def _source_tags(commit: str) -> dict[str, str]:
-    """MLflow's own source tags: the UI's "Source", "Created by" and git columns of a run."""
+def _source_tags(commit: str, stage: str) -> dict[str, str]:
+    """MLflow's own source tags: the UI's "Source", "Created by" and git columns of a run. (The UI shows a source
+    name from its last "/" on, so it names the stage, not the command line with its paths.)"""
     import getpass
-    command = redact(" ".join(["feddmmr", *sys.argv[1:]]))   # the command line that ran the stage
-    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": command[:500]}
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": f"feddmmr {stage}"}
     with contextlib.suppress(Exception):   # no user name (a container with an arbitrary uid)
         tags["mlflow.user"] = getpass.getuser()
     if commit and commit != "unknown":
@@ -242,7 +241,7 @@ class StageRun:
         key = os.environ.get("FEDDMMR_PIPELINE_RUN") or hashlib.sha256(f"{commit}:{data_sha}".encode()).hexdigest()[:16]
         tags = {"feddmmr.pipeline_key": key, "git_commit": commit, "data_sha256": data_sha,
                 "prepared_sha256": prepared_sha256(data_meta), "data_source": str(data_meta.get("path", "")),
-                **_source_tags(commit)}
+                **_source_tags(commit, stage)}
         flow_run, named = os.environ.get("PREFECT__FLOW_RUN_ID"), os.environ.get("FEDDMMR_PIPELINE_RUN")
         if flow_run:
             tags["prefect_flow_run_id"] = flow_run
@@ -293,7 +292,8 @@ class StageRun:
         if found:
             return found[0].info.run_id
         return self.client.create_run(self.exp_id, run_name=tags.get("dvc_experiment") or f"pipeline-{key[:8]}",
-                                      tags={**tags, "feddmmr.kind": "pipeline"}).info.run_id
+                                      tags={**tags, "feddmmr.kind": "pipeline",
+                                            "mlflow.source.name": "feddmmr pipeline"}).info.run_id
 
     def _end_stale_runs(self, output: str, keep: str | None) -> None:
         """Runs still RUNNING for this output on this host belong to dead processes (the caller holds the

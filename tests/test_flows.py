@@ -110,7 +110,7 @@ def test_a_lock_committed_on_another_cpu_type_retrains_nothing_that_this_machine
     for md5 in ours:   # the other machine's outputs: other hashes, consistent between outs and later deps
         theirs = theirs.replace(md5, f"{int(md5, 16) ^ 1:032x}")
     (project / "dvc.lock").write_text(theirs)
-    sh("git", "add", "-A", cwd=project)
+    sh("git", "add", "dvc.lock", cwd=project)
     sh("git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "dvc.lock from another CPU",
        cwd=project)
     result = pipeline(project_dir=str(project))
