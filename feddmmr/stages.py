@@ -32,7 +32,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -55,7 +54,7 @@ from .server import SERVER_OPTIMIZERS, ServerOptimizer, select_clients
 from .serving import register_stage
 from .stats import TEST_RANKS, save_test_ranks
 from .tracking import StageRun, flatten, prefixed, stage_diff
-from .workers import RoundExecutor, round_executor
+from .workers import Federation, RoundExecutor, round_executor
 
 log = logging.getLogger("feddmmr")
 
@@ -132,20 +131,21 @@ class Setup:
 
 def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
                 progress: bool = True, features_dir: str | Path = "features", init_dir: str | Path | None = None,
-                restart: bool = False, rounds: Callable | None = None) -> dict:
+                restart: bool = False, rounds: Federation | None = None) -> dict:
     """Train ``stage`` federatedly, keep the best validation round, write checkpoint and metrics.
 
     ``init_dir``: the checkpoint to start from (default: the ``<init_from>`` directory beside ``out_dir``).
     Every round is saved for resume (``feddmmr.resume``); a killed stage continues from its last completed
     round when run again with the same inputs, unless ``restart``.
-    ``rounds``: the round executor, ``(model, clients, pool, rnd, tp, trainable, memory) -> RoundResult``
-    (default: this machine's, ``workers.round_executor``); ``feddmmr.flower`` passes a federation's. An
-    executor whose clients keep their memories themselves also provides ``memory_bank(num_users,
-    memory_params, feature_sha, modalities, key)`` (what stands for the memories here), ``warm_memories(model,
-    pool, memory, tp)`` and ``evaluator(data, ks, batch_size)`` (whose ranks come from the clients).
+    ``rounds``: a ``workers.Federation`` whose clients train, keep their memories and rank their targets
+    elsewhere (``feddmmr.flower`` passes a Flower federation's); None: this machine's simulator
+    (``workers.round_executor``).
     """
     if stage not in STAGE_SPECS:
         raise FeddmmrError(f"unknown stage {stage!r}; available: {', '.join(STAGES)}")
+    if rounds is not None and not isinstance(rounds, Federation):
+        raise TypeError(f"rounds must implement workers.Federation (a round call, description, memory_bank, "
+                        f"warm_memories, evaluator); got {type(rounds).__name__}")
     spec, tp = STAGE_SPECS[stage], getattr(params, stage)
     validate(params)
     _check_train_params(tp, stage)
@@ -237,7 +237,8 @@ def _rounds_csv(history: dict) -> str:
 
 
 def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, data: Prepared, data_dir,
-                feats: dict | None, init_dir: Path | None, saved, rounds=None, key: str = "") -> Setup:
+                feats: dict | None, init_dir: Path | None, saved, rounds: Federation | None = None,
+                key: str = "") -> Setup:
     """Build the model, load the previous stage, set up the client memories; on resume, restore the saved round.
     ``rounds``, ``key``: the round executor and the run's fingerprint (see ``train_stage``)."""
     torch.manual_seed(tp.seed)
@@ -251,9 +252,9 @@ def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, da
     memory = None
     if spec.multimodal:
         model.set_features(stage_features(feats, tp))
-        remote = getattr(rounds, "memory_bank", None)
-        memory = (build_memory(params, data, feats, tp) if remote is None else
-                  remote(data.num_users, stage_memory(params.memory, tp), feature_sha, list(tp.modalities), key))
+        memory = (build_memory(params, data, feats, tp) if rounds is None else
+                  rounds.memory_bank(data.num_users, stage_memory(params.memory, tp), feature_sha,
+                                     list(tp.modalities), key))
         if saved is None:      # on resume the saved round's memories replace them
             _continue_memories(stage, memory, init_dir)
     server = SERVER_OPTIMIZERS[tp.server_optimizer](tp.server_lr, tp.server_momentum)
@@ -263,12 +264,13 @@ def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, da
     pool = ClientPool(data)
     if memory is not None and params.memory.warmup and not memory.participations.any():
         t0 = time.perf_counter()
-        writes = getattr(rounds, "warm_memories", warm_memories)(model, pool, memory, tp)
+        writes = (warm_memories if rounds is None else rounds.warm_memories)(model, pool, memory, tp)
         log.info("%s: filled %d client memories in %.1fs (%d long-term writes)", stage, data.num_users,
                  time.perf_counter() - t0, writes)
     config = _checkpoint_config(stage, spec, params, tp, data, data_dir, model, report, feature_sha)
     trainable = {k for k, _ in model.named_parameters() if group_of(k) not in tp.freeze}
-    evaluator = getattr(rounds, "evaluator", Evaluator)(data, params.evaluation.ks, params.evaluation.batch_size)
+    evaluator = (Evaluator if rounds is None else rounds.evaluator)(data, params.evaluation.ks,
+                                                                    params.evaluation.batch_size)
     return Setup(stage, spec, tp, data, model, memory, pool, evaluator, server, trainable, report, config,
                  ThreadPool(params.runtime.threads))
 
@@ -336,7 +338,7 @@ def _save_round(setup: Setup, state: Progress, best: tuple, resume: ResumeState,
 
 
 def _fit(setup: Setup, state: Progress, parts: dict | None, resume: ResumeState, tracker: StageRun,
-         progress: bool, rounds: Callable | None = None) -> Progress:
+         progress: bool, rounds: Federation | None = None) -> Progress:
     """The round loop: train, aggregate, validate, keep the best round; every round saved for resume."""
     stage, tp, model, memory = setup.stage, setup.tp, setup.model, setup.memory
     record = lambda i: _round_record(state.history, i, memory is not None)  # noqa: E731
@@ -358,7 +360,7 @@ def _fit(setup: Setup, state: Progress, parts: dict | None, resume: ResumeState,
         tracker.log_dict(setup.report, "load_report.json")
     with contextlib.ExitStack() as stack:
         executor = (round_executor(tp.executor, model, setup.pool, setup.threads, stack) if rounds is None
-                    else RoundExecutor(rounds, "federation", None, getattr(rounds, "description", "federation")))
+                    else RoundExecutor(rounds, "federation", None, rounds.description))
         log.info("%s: %s", stage, executor.description)
         with logging_redirect_tqdm():
             bar = tqdm(range(state.round + 1, tp.rounds + 1), desc=stage, unit="round", disable=not progress,

@@ -26,7 +26,7 @@ import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -199,6 +199,29 @@ class Workers:
 
     def __exit__(self, exc_type, *exc) -> None:
         self.close(abandon=exc_type is not None)
+
+
+@runtime_checkable
+class Federation(Protocol):
+    """The rounds of a stage trained somewhere other than this machine's simulator, handed to
+    ``stages.train_stage(rounds=...)``: the clients' updates (``__call__``, aggregated by FedAvg as
+    ``client.train_round_sequential`` does), the clients' memories and the evaluation, which then live where the
+    clients do. ``flower.FlowerRounds`` implements it; the simulator needs none of it (``round_executor``)."""
+
+    description: str              # for the stage log
+
+    def __call__(self, model: nn.Module, clients: list[int], pool: ClientPool, rnd: int, tp: TrainParams,
+                 trainable: set[str] | None = None, memory=None):
+        """Train round ``rnd``'s ``clients`` from ``model``'s weights: a ``client.RoundResult``."""
+
+    def memory_bank(self, num_users: int, params, feature_sha: dict, modalities: list[str], key: str):
+        """The clients' memories of a multimodal stage (a ``memory.MemoryBank`` stand-in)."""
+
+    def warm_memories(self, model: nn.Module, pool: ClientPool, memory, tp: TrainParams) -> int:
+        """Fill the memories before round 1 (``client.warm_memories``); the long-term writes."""
+
+    def evaluator(self, data, ks: list[int], batch_size: int):
+        """The evaluator of the stage's validation and test (a ``metrics.Evaluator`` stand-in)."""
 
 
 @dataclass

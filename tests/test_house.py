@@ -84,3 +84,20 @@ def test_a_choice_outside_its_set_is_refused_for_every_trainer(override, message
     with pytest.raises(FeddmmrError) as err:
         validate(load_params(None, [override]))
     assert str(err.value).startswith(message), str(err.value)
+
+
+def test_the_flower_federation_implements_the_declared_round_interface():
+    """stages.train_stage takes a workers.Federation (was: attributes guessed with getattr and defaults)."""
+    pytest.importorskip("flwr", reason="Flower is not installed (pip install -e '.[flower]')")
+    from feddmmr.flower import FlowerRounds
+    from feddmmr.workers import Federation
+    assert isinstance(FlowerRounds(grid=None, nodes=[1, 2], timeout=1.0), Federation)
+
+
+def test_a_round_executor_without_the_interface_is_refused_before_anything_runs(tiny_prepared, tmp_path):
+    from conftest import tiny_params
+    from feddmmr.stages import train_stage
+    with pytest.raises(TypeError, match="rounds must implement workers.Federation"):
+        train_stage("pretrain_sasrec", tiny_params(rounds=1), tiny_prepared, tmp_path / "ck", tmp_path / "m.json",
+                    rounds=lambda *a, **k: None)
+    assert not (tmp_path / "ck").exists()
