@@ -61,7 +61,7 @@ def run_baseline(name: str, params: Params, data_dir: str | Path, out_dir: str |
     sections = {"evaluation": asdict(params.evaluation), "data": {"dir": str(data_dir)}, "baseline": {"name": name}}
     with exclusive(out_dir), exclusive(metrics_path):
         tracker = StageRun(name, flatten(sections), data.meta, params.tracking.enabled, out_dir)
-        try:
+        with tracker.recording():
             val = evaluator.evaluate(model, "val")
             ranks = evaluator.ranks(model, "test")
             test = evaluator.summarize(*ranks)
@@ -70,9 +70,6 @@ def run_baseline(name: str, params: Params, data_dir: str | Path, out_dir: str |
                 save_test_ranks(tmp, ranks, name)
                 write_json(tmp / "config.json", {"baseline": name, **sections})
             write_metrics(metrics_path, metrics)
-        except BaseException:
-            tracker.fail("FAILED")
-            raise
         tracker.finish(lambda step: prefixed(val), 0, {**prefixed(test, "test"), **prefixed(val, "best_val")},
                        [Path(out_dir) / "config.json", Path(out_dir) / TEST_RANKS, Path(metrics_path)], Path(out_dir))
     return metrics

@@ -152,12 +152,9 @@ def train_centralized(params: Params, data_dir: str | Path, out_dir: str | Path,
         tracker = StageRun(STAGE, flatten(sections), data.meta, params.tracking.enabled, out_dir,
                            state.tracking_run, state.tracked_round)
         state.tracking_run = tracker.run_id
-        try:
+        with tracker.recording():
             best = _fit(model, opt, pool, evaluator, c, state, resume, tracker, best, device, progress)
             model.load_state_dict(best)
             metrics = _write(params, data, data_dir, model, evaluator, state, out_dir, metrics_path, tracker)
-        except BaseException:
-            tracker.fail("FAILED")
-            raise
         resume.clear()
     return metrics

@@ -167,20 +167,12 @@ def train_stage(stage: str, params: Params, data_dir: str | Path, out_dir: str |
                            state.tracking_run, state.tracked_round,
                            file_sha256(init_dir / "model.safetensors") if init_dir else "")
         state.tracking_run, state.tracked_round = tracker.run_id, tracker.tracked_round
-        try:
+        with tracker.recording():
             setup = _initialise(stage, spec, params, tp, data, data_dir, feats, init_dir, saved, rounds,
                                 resume.fingerprint)
             state = _fit(setup, state, saved[1] if saved else None, resume, tracker, progress, rounds)
             export = _model_export(params, spec, data, data_dir, features_dir)
             return _write(setup, state, resume, tracker, out_dir, metrics_path, init_dir, export)
-        except KeyboardInterrupt:
-            tracker.fail("KILLED")
-            raise
-        except TrackingIncomplete:
-            raise
-        except BaseException:
-            tracker.fail("FAILED")
-            raise
 
 
 def _model_export(params: Params, spec: StageSpec, data: Prepared, data_dir, features_dir) -> dict | None:

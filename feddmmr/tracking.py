@@ -413,6 +413,23 @@ class StageRun:
         if self.enabled and self.run_id:
             self._send(f"{status} status", self.client.set_terminated, self.run_id, status)
 
+    @contextlib.contextmanager
+    def recording(self):
+        """The one epilogue of every trainer (stages, centralized, baselines) around its work: an interrupt
+        (Ctrl-C, or SIGTERM turned into one) marks the run KILLED, any other failure FAILED, and the error goes on
+        to the CLI, which maps it to its exit status; ``TrackingIncomplete`` (the outputs are written, the store
+        missed part of the record) leaves the run as it is."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.fail("KILLED")
+            raise
+        except TrackingIncomplete:
+            raise
+        except BaseException:
+            self.fail("FAILED")
+            raise
+
 
 def pipeline_runs(pipeline: str | None = None) -> tuple[str, Any, dict[str, Any]]:
     """(store URI, the pipeline's parent run, {stage: its run}) of pipeline run ``pipeline`` (see ``_find_pipeline``;

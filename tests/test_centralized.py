@@ -80,3 +80,39 @@ def test_an_epoch_mixes_every_users_windows_once(tiny_prepared):
     first = {owner[tuple(row)] for row in batches[0][0].tolist()}
     assert len(first) > 2                                                   # not grouped by user
     assert all(len(b[0]) == c.batch_size for b in batches[:-1])
+
+
+@pytest.mark.parametrize("trainer", ["centralized", "popularity", "pretrain_sasrec"])
+def test_every_trainer_marks_an_interrupted_run_killed_and_a_failed_one_failed(trainer, tiny_prepared, tmp_path,
+                                                                              monkeypatch):
+    """One epilogue for the three trainers (StageRun.recording): centralized and the baselines marked a Ctrl-C
+    FAILED where the federated stages marked it KILLED."""
+    import mlflow
+
+    import feddmmr.metrics as metrics
+    from feddmmr.stages import train_stage
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    p = _params()
+    p.tracking.enabled, p.tracking.log_models, p.pretrain_sasrec.rounds = True, False, 1
+
+    def run(out):
+        if trainer == "pretrain_sasrec":
+            return train_stage(trainer, p, tiny_prepared, tmp_path / out, tmp_path / f"{out}.json", progress=False)
+        return run_baseline(trainer, p, tiny_prepared, tmp_path / out, tmp_path / f"{out}.json")
+
+    for error, status in ((KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")):
+        def fails(*args, **kwargs):
+            raise error()
+        if trainer == "centralized":   # its epoch-0 validation runs before its MLflow run starts
+            import feddmmr.centralized as central
+            monkeypatch.setattr(central, "_train_epoch", fails)
+        else:
+            monkeypatch.setattr(metrics.Evaluator, "evaluate", fails)
+        with pytest.raises(error):
+            run(status)
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name("feddmmr")
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`feddmmr.output` = '{tmp_path / status}'")
+        assert [r.info.status for r in runs] == [status]
