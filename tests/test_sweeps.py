@@ -128,5 +128,14 @@ def test_experiments_that_cannot_run_are_refused_before_running_any(tmp_path, co
 
 def test_a_restored_seed_retrains_the_whole_pipeline_unless_dvc_lock_is_tracked_and_current(tmp_path):
     from feddmmr.sweeps import _seeded_stages_alone
+    from feddmmr.sweeps import SEEDED
     project = git_dvc_project(tmp_path / "project")            # no dvc.lock yet: DVC restored from its run-cache
     assert _seeded_stages_alone(project) == []
+    sh(BIN / "dvc", "repro", cwd=project)
+    assert _seeded_stages_alone(project) == []                 # dvc.lock current, but git does not track it
+    sh("git", "add", "dvc.lock", cwd=project)
+    sh("git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "lock", cwd=project)
+    assert _seeded_stages_alone(project) == list(SEEDED)       # tracked and current: the seeded stages alone
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("rounds: 2", "rounds: 1", 1))
+    assert _seeded_stages_alone(project) == []                 # a stage differs from dvc.lock: the whole pipeline
