@@ -227,7 +227,8 @@ class RoundResult:
     mean_surprise: float = 0.0      # mean surprise of the last local epoch's targets
 
 
-def _split_params(model: nn.Module, trainable: set[str] | None):
+def split_params(model: nn.Module, trainable: set[str] | None):
+    """(every parameter detached, by name; the names that train: all, or those in ``trainable``)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     names = [k for k in params if trainable is None or k in trainable]
     return params, names
@@ -356,7 +357,7 @@ def train_round_sequential(model: nn.Module, clients: list[int], pool: ClientPoo
     ``sparse``: train on local catalogues (default: unless weight decay needs the whole item table).
     ``workers``: a ``workers.Workers`` pool that trains the chunks in parallel processes, with the same result.
     """
-    global_params, names = _split_params(model, trainable)
+    global_params, names = split_params(model, trainable)
     sparse = use_sparse(names, tp) if sparse is None else sparse
     chunks = client_chunks(clients, memory, tp.clients_per_chunk)
     if workers is None:
@@ -421,7 +422,7 @@ def train_round_vectorized(model: nn.Module, clients: list[int], pool: ClientPoo
                            trainable: set[str] | None = None, memory: MemoryBank | None = None,
                            sparse: bool | None = None) -> RoundResult:
     """All clients of the round trained together (in chunks of ``clients_per_chunk``), then FedAvg."""
-    global_params, names = _split_params(model, trainable)
+    global_params, names = split_params(model, trainable)
     device = next(iter(global_params.values())).device
     sparse = use_sparse(names, tp) if sparse is None else sparse
 

@@ -51,7 +51,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from .client import (ClientPool, RoundResult, _split_params, client_chunks, train_chunk_sequential, use_sparse,
+from .client import (ClientPool, RoundResult, split_params, client_chunks, train_chunk_sequential, use_sparse,
                      warm_memories)
 from .config import MemoryParams, MultimodalTrainParams, Params, TrainParams, load_params
 from .data import Prepared, load_prepared
@@ -212,10 +212,8 @@ def train_users(msg: Message, context: Context) -> Message:
     writes, surprise_sum, surprise_n = result.observed.flush(bank)
     if bank is not None:
         node.memories.save(bank, job["memory"]["run"], job["memory"]["to"])
-    state = result.update.__getstate__()
-    arrays = {f"sum:{k}": torch.from_numpy(v) for k, (_, v) in state["sums"].items()}
-    arrays.update({f"rows:{k}": torch.from_numpy(r) for k, (r, _) in state["sums"].items() if r is not None})
-    stats = MetricRecord({"total_w": state["total_w"], "loss_sum": result.loss_sum, "steps": result.steps,
+    arrays = result.update.to_arrays()
+    stats = MetricRecord({"total_w": result.update.total_w, "loss_sum": result.loss_sum, "steps": result.steps,
                           "users": len(users), "writes": writes, "surprise_sum": surprise_sum,
                           "surprise_n": surprise_n, "seconds_start": started, "seconds_load": t1 - t0,
                           "seconds_train": time.perf_counter() - t1})
@@ -271,13 +269,8 @@ def evaluate_users(msg: Message, context: Context) -> Message:
 # ---------------------------------------------------------------------------------------------- server side
 
 def _partial_sum(update: ArrayRecord, names: list[str], total_w: float) -> PartialSum:
-    """A node's reply as the ``PartialSum`` it was made from."""
-    tensors = update.to_torch_state_dict()
-    part = PartialSum.__new__(PartialSum)
-    part.__setstate__({"names": names, "total_w": total_w,
-                       "sums": {k: (tensors[f"rows:{k}"].numpy() if f"rows:{k}" in tensors else None,
-                                    tensors[f"sum:{k}"].numpy()) for k in names}})
-    return part
+    """A node's reply as the ``PartialSum`` it was made from (``PartialSum.to_arrays``' wire format)."""
+    return PartialSum.from_arrays(update.to_torch_state_dict(), names, total_w)
 
 
 class FlowerRounds:
@@ -294,7 +287,7 @@ class FlowerRounds:
     def __call__(self, model: torch.nn.Module, clients: list[int], pool, rnd: int, tp: TrainParams,
                  trainable: set[str] | None = None, memory: RemoteMemory | None = None) -> RoundResult:
         t0 = time.perf_counter()
-        global_params, names = _split_params(model, trainable)
+        global_params, names = split_params(model, trainable)
         job = {"round": rnd, "names": names, "sparse": use_sparse(names, tp), "train": asdict(tp),
                "model": asdict(model.config)}
         if memory is not None:

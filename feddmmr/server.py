@@ -123,6 +123,25 @@ class PartialSum:
         self.dense, self.parts, self.global_params = {}, {}, {}
         return self
 
+    # ------------------------------------------------------------------ wire format (a Flower node's reply)
+    def to_arrays(self) -> dict[str, torch.Tensor]:
+        """A finished sum as named tensors, the wire format a Flower SuperNode sends back: ``sum:<name>`` the
+        summed update of parameter ``<name>`` (its own shape, or [R, ...] over R rows) and, for a row-wise sum,
+        ``rows:<name>`` its row indices [R] (int64, sorted). The total weight travels beside it (``total_w``)."""
+        state = self.__getstate__()
+        arrays = {f"sum:{k}": torch.from_numpy(v) for k, (_, v) in state["sums"].items()}
+        arrays.update({f"rows:{k}": torch.from_numpy(r) for k, (r, _) in state["sums"].items() if r is not None})
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, torch.Tensor], names: list[str], total_w: float) -> "PartialSum":
+        """The finished sum ``to_arrays`` sent, for ``FedAvg.add_partial``."""
+        part = cls.__new__(cls)
+        part.__setstate__({"names": names, "total_w": total_w,
+                           "sums": {k: (arrays[f"rows:{k}"].numpy() if f"rows:{k}" in arrays else None,
+                                        arrays[f"sum:{k}"].numpy()) for k in names}})
+        return part
+
     def __getstate__(self) -> dict:
         """Pickled with the sums as NumPy arrays: one copy each way (a tensor pickles through torch.save,
         several times slower to load), as a worker's result crosses a pipe every chunk."""

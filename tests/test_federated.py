@@ -302,3 +302,23 @@ def test_every_server_optimizer_leaves_frozen_tensors_bit_identical_and_resumes_
     a = opt.step({k: v.clone() for k, v in first.items()}, {k: v.clone() for k, v in nxt.items()})
     b = resumed.step({k: v.clone() for k, v in first.items()}, {k: v.clone() for k, v in nxt.items()})
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_partial_sum_crosses_the_wire_format_unchanged():
+    """PartialSum.to_arrays / from_arrays: what a Flower SuperNode sends and the server adds (dense tensors and
+    row-wise sums over the union of the clients' rows), the same FedAvg result as adding the sum in process."""
+    from feddmmr.server import FedAvg, PartialSum
+    g = {"table": torch.zeros(6, 2), "bias": torch.zeros(3)}
+    part = PartialSum(g, ["table", "bias"])
+    part.add({"table": torch.ones(2, 2), "bias": torch.ones(3)}, 2.0, rows={"table": torch.tensor([1, 4])})
+    part.add({"table": torch.full((2, 2), 3.0), "bias": torch.full((3,), 2.0)}, 1.0, rows={"table": torch.tensor([4, 5])})
+    part.finish()
+    wire = part.to_arrays()
+    assert set(wire) == {"sum:table", "rows:table", "sum:bias"} and wire["rows:table"].tolist() == [1, 4, 5]
+    back = PartialSum.from_arrays(wire, ["table", "bias"], part.total_w)
+    here, there = FedAvg(g, ["table", "bias"]), FedAvg(g, ["table", "bias"])
+    here.add_partial(part)
+    there.add_partial(back)
+    a, b = here.result(), there.result()
+    assert all(torch.equal(a[k], b[k]) for k in a) and back.total_w == 3.0
+    assert torch.equal(a["table"][4], torch.full((2,), (2.0 * 1 + 1.0 * 3) / 3))
