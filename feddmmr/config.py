@@ -187,13 +187,17 @@ class Params:
         return dataclasses.asdict(self)
 
 
+def _is_device(name: Any) -> bool:
+    return name in ("auto", "cpu", "cuda") or str(name).startswith("cuda:")
+
+
 def resolve_device(name: str, section: str) -> torch.device:
     """auto -> cuda when available, else cpu; asking for cuda without a device is an error naming the setting."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+    if not _is_device(name):
         raise FeddmmrError(f"{section}.device must be auto, cpu or cuda[:N], got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FeddmmrError(f"{section}.device is {name} but no CUDA device is available; set {section}.device: auto or cpu")
@@ -308,8 +312,7 @@ def _check_choices(params: Params) -> None:
                 if protocol not in ("full", "sampled") or metric not in metrics:
                     raise _bad(section.name, f.name, "full/ or sampled/ followed by one of "
                                f"{', '.join(sorted(metrics))}", value)
-            if f.name == "device" and value != "auto" and value not in ("cpu", "cuda") \
-                    and not str(value).startswith("cuda:"):
+            if f.name == "device" and not _is_device(value):
                 raise _bad(section.name, f.name, "auto, cpu, cuda or cuda:N", value)
 
 

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import FeddmmrError
+from .io import atomic_path
 
 # the releases dvc-render's VegaRenderer loads (its SCRIPTS), with their npm integrity hashes
 PINS = {
@@ -104,10 +105,8 @@ def build(out: Path, source: Path | None) -> str:
 
 
 def write(out: Path, text: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,7 +187,7 @@ def _source_tags(commit: str, stage: str) -> dict[str, str]:
     tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": f"feddmmr {stage}"}
     with contextlib.suppress(Exception):   # no user name (a container with an arbitrary uid)
         tags["mlflow.user"] = getpass.getuser()
-    if commit and commit != "unknown":
+    if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
 
