@@ -19,9 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,flower]'
 	touch $@
 
-# the page `dvc plots show` fills, with vega inlined so that it draws offline (feddmmr/plots_page.py)
-.dvc/plots/page.html: feddmmr/plots_page.py $(VENV)/.installed
-	$(BIN)/python -m feddmmr.plots_page --cdn-if-missing
+# the page `dvc plots show` fills, with vega inlined so that it draws offline (feddmmr/tracking/plots_page.py)
+.dvc/plots/page.html: feddmmr/tracking/plots_page.py $(VENV)/.installed
+	$(BIN)/python -m feddmmr.tracking.plots_page --cdn-if-missing
 
 repro: install
 	PATH=$(BIN):$$PATH dvc repro

@@ -21,18 +21,18 @@ from pathlib import Path
 import torch
 
 from feddmmr.config import load_params
-from feddmmr.data import load_prepared, prepare
-from feddmmr.client import ClientPool, train_round_sequential, train_round_vectorized, warm_memories
-from feddmmr.memory import MemoryBank
-from feddmmr.metrics import Evaluator
+from feddmmr.data.prepare import load_prepared, prepare
+from feddmmr.federated.client import ClientPool, train_round_sequential, train_round_vectorized, warm_memories
+from feddmmr.model.memory import MemoryBank
+from feddmmr.evaluation.metrics import Evaluator
 from feddmmr.model import group_of
-from feddmmr.features import extract, load_modalities
+from feddmmr.features.extract import extract, load_modalities
 from feddmmr.modalities import NAMES
-from feddmmr.server import select_clients
-from feddmmr.runtime import ThreadPool
-from feddmmr.checkpoint import build_memory, build_model
-from feddmmr.stages import STAGE_SPECS, STAGES
-from feddmmr.workers import round_executor
+from feddmmr.federated.server import select_clients
+from feddmmr.federated.runtime import ThreadPool
+from feddmmr.training.checkpoint import build_memory, build_model
+from feddmmr.training.stages import STAGE_SPECS, STAGES
+from feddmmr.federated.workers import round_executor
 
 REPO = Path(__file__).resolve().parents[1]
 

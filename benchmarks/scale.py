@@ -64,7 +64,7 @@ def synthetic_csv(path: Path, data_root: Path, users: int = 20_000, items: int =
 
 def prepared_dir(name: str, cache: Path, data_root: Path) -> Path:
     from feddmmr.config import PrepareParams
-    from feddmmr.data import prepare
+    from feddmmr.data.prepare import prepare
 
     out = cache / f"{name}-prepared"
     if out.exists():
@@ -148,14 +148,14 @@ def measure(args) -> dict:
     """Runs inside the revision's checkout: one dataset, one stage, one client count."""
     import torch
 
-    from feddmmr.client import EXECUTORS, ClientPool, warm_memories
+    from feddmmr.federated.client import EXECUTORS, ClientPool, warm_memories
     from feddmmr.config import load_params
-    from feddmmr.data import load_prepared
-    from feddmmr.memory import MemoryBank, combined_features
-    from feddmmr.metrics import Evaluator
+    from feddmmr.data.prepare import load_prepared
+    from feddmmr.model.memory import MemoryBank, combined_features
+    from feddmmr.evaluation.metrics import Evaluator
     from feddmmr.model import group_of
-    from feddmmr.server import select_clients
-    from feddmmr.checkpoint import build_model
+    from feddmmr.federated.server import select_clients
+    from feddmmr.training.checkpoint import build_model
 
     params = load_params(None)
     tp = getattr(params, args.stage)
@@ -179,18 +179,18 @@ def measure(args) -> dict:
         warm_memories(model, pool, memory, tp)
     stack = contextlib.ExitStack()
     try:                                   # this checkout's executor and CPU pool; a baseline may predate them
-        from feddmmr.runtime import ThreadPool
+        from feddmmr.federated.runtime import ThreadPool
         threads = ThreadPool(params.runtime.threads)
     except (ImportError, AttributeError):
         threads = None
     try:
-        from feddmmr.workers import round_executor
+        from feddmmr.federated.workers import round_executor
         chosen = round_executor(tp.executor, model, pool, threads, stack)
         executor, name = chosen.run, chosen.name + (" on workers" if chosen.workers else "")
         pids = [proc.pid for proc in chosen.workers.procs] if chosen.workers else []
     except ImportError:
         try:
-            from feddmmr.client import resolve_executor
+            from feddmmr.federated.client import resolve_executor
             name = resolve_executor(tp.executor, device)
         except ImportError:                # before `executor: auto` the default was explicit
             name = tp.executor
@@ -217,7 +217,7 @@ def measure(args) -> dict:
         sync()
     import numpy as np
 
-    from feddmmr.client import train_windows
+    from feddmmr.federated.client import train_windows
     windows = int(np.isin(train_windows(data)[3], clients).sum()) * tp.local_epochs
     flops = matmul_flops(params, tp, windows * data.max_seq_len)
     rate = gemm_rate(params.model.hidden) if device.type == "cpu" else 0.0

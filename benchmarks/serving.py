@@ -28,7 +28,7 @@ import mlflow
 import pandas as pd
 import torch
 
-from feddmmr.tracking import tracking_uri
+from feddmmr.tracking.store import tracking_uri
 
 
 def free_port() -> int:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from feddmmr.config import PrepareParams, TextFeatureParams
-from feddmmr.data import load_prepared, prepare
-from feddmmr.features import extract_text, load_features
+from feddmmr.data.prepare import load_prepared, prepare
+from feddmmr.features.extract import extract_text, load_features
 
 REPO = Path(__file__).resolve().parents[1]
 

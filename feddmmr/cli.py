@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import interrupts
-from .errors import FeddmmrError, redact
-from .modalities import NAMES
+from feddmmr import interrupts
+from feddmmr.errors import FeddmmrError, redact
+from feddmmr.modalities import NAMES
 
 DESCRIPTION = """FedDMMR: federated multimodal sequential recommendation, as a reproducible pipeline.
 
@@ -195,8 +195,6 @@ def _sweep_parser(sub) -> None:
 
 
 def _ablate_parser(sub) -> None:
-    from .sweeps import ABLATIONS
-    listing = "; ".join(f"{a}: {' '.join(c) or 'no change'}" for a, c in ABLATIONS.items())
     p = sub.add_parser("ablate", help="retrain stage 3 without each of its parts: the ablation table",
                        description="Retrain finetune_moe once per ablation as a DVC experiment (dvc exp run --temp "
                                    "--force --single-item finetune_moe, named ablation-<name>-<tag>, each also an "
@@ -204,12 +202,22 @@ def _ablate_parser(sub) -> None:
                                    "against the full model. Run it in the project folder after `dvc repro`, with "
                                    "dvc.lock tracked by git (the experiments start from the earlier stages' outputs "
                                    "in the DVC cache). Ablations finished for the same "
-                                   f"commit, params.yaml and overrides are not run again. The ablations: {listing}.")
-    p.add_argument("ablations", nargs="*", metavar="ABLATION",
-                   help=f"the ablations to run, of {', '.join(ABLATIONS)} (default: all; full, the reference, "
-                        "always runs)")
+                                   "commit, params.yaml and overrides are not run again.")
+    names = p.add_argument("ablations", nargs="*", metavar="ABLATION",
+                           help="the ablations to run (default: all; full, the reference, always runs)")
     _add_params(p)
     _add_protocol(p)
+
+    def format_help() -> str:
+        # the ablations are listed from the experiments layer only when this help is shown: building the parser
+        # must not import it, or every command (and every DVC stage's code) would depend on it
+        from feddmmr.experiments.sweeps import ABLATIONS
+        listing = "; ".join(f"{a}: {' '.join(c) or 'no change'}" for a, c in ABLATIONS.items())
+        p.description = p.description.rstrip(".") + f". The ablations: {listing}."
+        names.help = (f"the ablations to run, of {', '.join(ABLATIONS)} (default: all; full, the reference, "
+                      "always runs)")
+        return argparse.ArgumentParser.format_help(p)
+    p.format_help = format_help
 
 
 def _recommend_parser(sub) -> None:
@@ -254,21 +262,21 @@ def _make_demo_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import load_params
+    from feddmmr.config import load_params
 
     if args.command == "make-demo":
-        from .demo import write_demo
+        from feddmmr.data.demo import write_demo
         frame = write_demo(args.out, num_users=args.users, num_items=args.items, seed=args.seed)
         print(f"wrote {args.out}: {len(frame)} interactions, {frame.user.nunique()} users, {frame.item.nunique()} items")
         return 0
     if args.command == "recommend":
         return _recommend(args)
     if args.command == "compare":
-        from .tracking import compare
+        from feddmmr.tracking.reports import compare
         print(compare(args.pipeline, args.protocol))
         return 0
     if args.command == "promote":
-        from .serving import promote_version
+        from feddmmr.tracking.registry import promote_version
         print(promote_version(args.version, args.reason))
         return 0
     params = load_params(args.params, args.overrides)      # bad overrides fail here, in one line
@@ -278,13 +286,13 @@ def run(args: argparse.Namespace) -> int:
                                "tracking.enabled is false: set it to true in params.yaml (or -S tracking.enabled=true)")
         return _experiments(args)
     if args.command == "prepare":
-        from .data import prepare
+        from feddmmr.data.prepare import prepare
         meta = prepare(params.prepare, args.out)
         print(f"prepared {args.out}: {meta['num_users']} users, {meta['num_items']} items, "
               f"{meta['num_interactions']} interactions")
         return 0
     if args.command == "features":
-        from .features import extract
+        from feddmmr.features.extract import extract
         out = args.out or f"features/{args.modality}"
         report = extract(args.modality, params, args.data, out, progress=_progress(args))
         print(f"wrote {out}: {report['covered']}/{report['items']} items ({report['coverage_pct']:.1f}%), "
@@ -293,15 +301,19 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         return _train(args, params)
     if args.command == "baseline":
-        from .baselines import run_baseline
-        metrics = run_baseline(args.name, params, args.data, args.out or f"checkpoints/{args.name}",
-                               args.metrics or f"metrics/{args.name}.json", progress=_progress(args))
+        out, metrics_path = args.out or f"checkpoints/{args.name}", args.metrics or f"metrics/{args.name}.json"
+        if args.name == "centralized":
+            from feddmmr.training.centralized import train_centralized
+            metrics = train_centralized(params, args.data, out, metrics_path, progress=_progress(args))
+        else:
+            from feddmmr.training.baselines import run_baseline
+            metrics = run_baseline(args.name, params, args.data, out, metrics_path, progress=_progress(args))
         _print_json({k: metrics[k] for k in ("stage", "test")})
         return 0
     if args.command == "evaluate":
-        from .data import load_prepared
-        from .metrics import Evaluator
-        from .checkpoint import load_checkpoint
+        from feddmmr.data.prepare import load_prepared
+        from feddmmr.evaluation.metrics import Evaluator
+        from feddmmr.training.checkpoint import load_checkpoint
         data = load_prepared(args.data)
         model, config, memory = load_checkpoint(args.checkpoint, data, args.features, diverged_ok=True)
         result = Evaluator(data, params.evaluation.ks, params.evaluation.batch_size).evaluate(model, args.split, memory)
@@ -316,12 +328,12 @@ def _train(args: argparse.Namespace, params) -> int:
     own_out = args.out and Path(args.out) != Path(f"checkpoints/{args.stage}")
     if args.overrides or args.params != "params.yaml" or own_out:
         os.environ["FEDDMMR_CANDIDATE"] = "1"
-    from .stages import train_stage
+    from feddmmr.training.stages import train_stage
     out = args.out or f"checkpoints/{args.stage}"
     metrics_path = args.metrics or f"metrics/{args.stage}.json"
     if (args.engine or params.federation.engine) == "flower":
         try:
-            from .flower import train_on_flower
+            from feddmmr.flower.launcher import train_on_flower
         except ModuleNotFoundError as exc:
             missing = (exc.name or "flwr").split(".")[0]
             raise FeddmmrError(f"--engine flower needs Flower ({missing} is not installed): "
@@ -337,7 +349,7 @@ def _train(args: argparse.Namespace, params) -> int:
 
 def _experiments(args: argparse.Namespace) -> int:
     """Sets of DVC experiments in the project folder: the ablations of stage 3, or the pipeline over seeds."""
-    from . import sweeps
+    from feddmmr.experiments import sweeps
     if args.command == "ablate":
         print(sweeps.summarize_ablations(sweeps.run_ablations(".", args.overrides, only=args.ablations),
                                          args.protocol))
@@ -348,7 +360,12 @@ def _experiments(args: argparse.Namespace) -> int:
 
 
 def _recommend(args: argparse.Namespace) -> int:
-    from .recommend import format_table, parse_history, read_users, write_recommendations
+    from feddmmr.serving.recommend import (
+        format_table,
+        parse_history,
+        read_users,
+        write_recommendations,
+    )
     users = [args.user] if args.user is not None else read_users(args.users) if args.users else None
     history = parse_history(args.history) if args.history is not None else None
     recommend, source = _recommender(args)
@@ -368,11 +385,11 @@ def _recommend(args: argparse.Namespace) -> int:
 def _recommender(args: argparse.Namespace):
     """recommend(users, history, k, include_known) -> frame, from a checkpoint or an MLflow model; its source."""
     if args.model:
-        from .serving import LoadedModel
+        from feddmmr.serving.pyfunc import LoadedModel
         return LoadedModel(args.model).recommend, f"MLflow model {args.model}"
-    from .config import load_params
-    from .features import item_titles
-    from .recommend import Recommender
+    from feddmmr.config import load_params
+    from feddmmr.features.extract import item_titles
+    from feddmmr.serving.recommend import Recommender
     params = load_params(args.params, args.overrides)
     checkpoint = args.checkpoint or "checkpoints/finetune_moe"
     rec = Recommender.load(checkpoint, args.data, args.features, item_titles(params.prepare, params.features_text.movies))
@@ -413,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"feddmmr: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:       # disk full, permissions, an output path below a file: one line, never a traceback
-        from .io import os_error_line
+        from feddmmr.io import os_error_line
         line, status = os_error_line(exc)
         print(f"feddmmr: error: {line}", file=sys.stderr)
         return status

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .errors import FeddmmrError
-from .modalities import NAMES
+from feddmmr.errors import FeddmmrError
+from feddmmr.modalities import NAMES
 
 if TYPE_CHECKING:
     import torch

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import FeddmmrError
+from feddmmr.errors import FeddmmrError
 
 
 def _umask() -> int:

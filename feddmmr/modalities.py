@@ -1,6 +1,6 @@
 """The item modalities the multimodal stages read, as data.
 
-Each modality has a feature extractor (``features.EXTRACTORS``), a params section ``features_<name>``,
+Each modality has a feature extractor (``features.extract.EXTRACTORS``), a params section ``features_<name>``,
 a DVC stage writing ``features/<name>/``, and in the model a projection and a memory expert. The
 expert attends from a query per candidate item: its own projected feature (``query="feature"``, the
 visual expert: what the poster looks like) or its item embedding (``query="item"``, the semantic

@@ -27,7 +27,16 @@ from prefect.runtime import flow_run
 
 from feddmmr.config import load_params
 from feddmmr.errors import FeddmmrError
-from flows.steps import BASELINE_STEPS, PROTOCOLS, STEPS, TRAIN_STEPS, StepsOn, run_in_container, run_step, task_name
+from flows.steps import (
+    BASELINE_STEPS,
+    PROTOCOLS,
+    STEPS,
+    TRAIN_STEPS,
+    StepsOn,
+    run_in_container,
+    run_step,
+    task_name,
+)
 from flows.workspace import StepFailed, Workspace, experiment_name
 
 Dataset = Literal["params", "demo", "ml-1m-top1000", "ml-100k"]

@@ -74,7 +74,7 @@ def mlflow_link(ws: Workspace, stage: str) -> str:
     import mlflow
 
     from feddmmr.io import file_sha256
-    from feddmmr.tracking import EXPERIMENT, tracking_uri, ui_url
+    from feddmmr.tracking.store import EXPERIMENT, tracking_uri, ui_url
     try:
         client = mlflow.MlflowClient(tracking_uri(ws.path))
         exp = client.get_experiment_by_name(EXPERIMENT)

@@ -5,7 +5,7 @@ project's DVC cache and remotes, so that
 - two flow runs never write the same files, and the user's checkout is never touched;
 - a stage whose command, dependencies and parameters were run before is restored from DVC's run-cache
   instead of being trained again;
-- the MLflow store resolves to the project's (``feddmmr.tracking.project_root``);
+- the MLflow store resolves to the project's (``feddmmr.tracking.store.project_root``);
 - the finished run is saved as the experiment ``<name>`` and pushed to the project (``dvc exp show``
   lists it there) and its outputs to the DVC remote.
 A retried flow run continues in its workspace (a killed stage resumes from its last round); a finished

@@ -11,8 +11,8 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_T
     os.environ.setdefault(key, value)
 
 from feddmmr.config import Params, PrepareParams  # noqa: E402
-from feddmmr.data import prepare  # noqa: E402
-from feddmmr.demo import write_demo  # noqa: E402
+from feddmmr.data.prepare import prepare  # noqa: E402
+from feddmmr.data.demo import write_demo  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDDMMR_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -75,7 +75,7 @@ def test_a_resume_state_moved_aside_by_a_killed_swap_is_found_again(tmp_path):
     """Before, a kill between the two renames lost the resume state: the rerun started from round 0."""
     import torch
 
-    from feddmmr.resume import Progress, ResumeState
+    from feddmmr.training.resume import Progress, ResumeState
     state = ResumeState(tmp_path / "ck", {"params": 1})
     state.save(Progress(round=7), {"model": {"w": torch.ones(2)}})
     state.dir.rename(state.dir.with_name(f".{state.dir.name}.4194304.old"))   # the writer died before moving in

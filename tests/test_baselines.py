@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_params
-from feddmmr.baselines import run_baseline
+from feddmmr.training.baselines import run_baseline
 from feddmmr.cli import main
-from feddmmr.data import load_prepared
+from feddmmr.data.prepare import load_prepared
 from feddmmr.io import load_tensors
 
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from feddmmr.baselines import run_baseline
-from feddmmr.data import load_prepared
-from feddmmr.metrics import Evaluator
-from feddmmr.checkpoint import load_checkpoint
+from feddmmr.training.baselines import run_baseline
+from feddmmr.training.centralized import train_centralized
+from feddmmr.data.prepare import load_prepared
+from feddmmr.evaluation.metrics import Evaluator
+from feddmmr.training.checkpoint import load_checkpoint
 
 
 def _params():
@@ -21,7 +22,7 @@ def _params():
 
 def test_centralized_trains_evaluates_and_writes_a_loadable_checkpoint(tiny_prepared, tmp_path):
     p = _params()
-    metrics = run_baseline("centralized", p, tiny_prepared, tmp_path / "ck", tmp_path / "m.json")
+    metrics = train_centralized(p, tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False)
     history = json.loads((tmp_path / "ck" / "train_history.json").read_text())
     assert metrics["rounds_run"] == 4 and len(history["train_loss"]) == 5
     assert history["train_loss"][4] < history["train_loss"][1]             # it learns
@@ -37,7 +38,7 @@ def test_centralized_says_each_epoch_and_its_early_stop_as_the_stages_do(tiny_pr
     p = _params()
     p.centralized.epochs, p.centralized.patience, p.centralized.lr = 30, 1, 0.5   # a large step: stops early
     with caplog.at_level("INFO", logger="feddmmr"):
-        metrics = run_baseline("centralized", p, tiny_prepared, tmp_path / "ck", tmp_path / "m.json")
+        metrics = train_centralized(p, tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False)
     epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("centralized epoch ")]
     assert len(epochs) == metrics["rounds_run"] < 30 and "val full/NDCG@10" in epochs[0]
     assert f"centralized: early stop at epoch {metrics['rounds_run']} (best epoch {metrics['best_round']})" in \
@@ -45,8 +46,8 @@ def test_centralized_says_each_epoch_and_its_early_stop_as_the_stages_do(tiny_pr
 
 
 def test_a_killed_centralized_run_resumes_after_its_last_epoch(tiny_prepared, tmp_path, monkeypatch):
-    import feddmmr.centralized as central
-    clean = run_baseline("centralized", _params(), tiny_prepared, tmp_path / "clean", tmp_path / "clean.json")
+    import feddmmr.training.centralized as central
+    clean = train_centralized(_params(), tiny_prepared, tmp_path / "clean", tmp_path / "clean.json", progress=False)
     real, calls = central._train_epoch, []
 
     def dies_in_epoch_3(*args):
@@ -57,10 +58,10 @@ def test_a_killed_centralized_run_resumes_after_its_last_epoch(tiny_prepared, tm
 
     monkeypatch.setattr(central, "_train_epoch", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        run_baseline("centralized", _params(), tiny_prepared, tmp_path / "ck", tmp_path / "m.json")
+        train_centralized(_params(), tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False)
     assert not (tmp_path / "ck").exists() and calls == [1, 2, 3]
     monkeypatch.setattr(central, "_train_epoch", lambda *args: calls.append(args[3]) or real(*args))
-    again = run_baseline("centralized", _params(), tiny_prepared, tmp_path / "ck", tmp_path / "m.json")
+    again = train_centralized(_params(), tiny_prepared, tmp_path / "ck", tmp_path / "m.json", progress=False)
     assert calls == [1, 2, 3, 3, 4]                                          # epochs 1-2 were not trained again
     assert again == clean
     a, b = (load_checkpoint(tmp_path / d, load_prepared(tiny_prepared))[0].state_dict() for d in ("ck", "clean"))
@@ -68,8 +69,8 @@ def test_a_killed_centralized_run_resumes_after_its_last_epoch(tiny_prepared, tm
 
 
 def test_an_epoch_mixes_every_users_windows_once(tiny_prepared):
-    from feddmmr.centralized import _epoch_windows
-    from feddmmr.client import ClientPool
+    from feddmmr.training.centralized import _epoch_windows
+    from feddmmr.federated.client import ClientPool
     pool = ClientPool(load_prepared(tiny_prepared))
     c = _params().centralized
     batches = _epoch_windows(pool, 1, c, torch.Generator().manual_seed(0))
@@ -89,8 +90,8 @@ def test_every_trainer_marks_an_interrupted_run_killed_and_a_failed_one_failed(t
     FAILED where the federated stages marked it KILLED."""
     import mlflow
 
-    import feddmmr.metrics as metrics
-    from feddmmr.stages import train_stage
+    import feddmmr.evaluation.metrics as metrics
+    from feddmmr.training.stages import train_stage
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
@@ -100,13 +101,15 @@ def test_every_trainer_marks_an_interrupted_run_killed_and_a_failed_one_failed(t
     def run(out):
         if trainer == "pretrain_sasrec":
             return train_stage(trainer, p, tiny_prepared, tmp_path / out, tmp_path / f"{out}.json", progress=False)
+        if trainer == "centralized":
+            return train_centralized(p, tiny_prepared, tmp_path / out, tmp_path / f"{out}.json", progress=False)
         return run_baseline(trainer, p, tiny_prepared, tmp_path / out, tmp_path / f"{out}.json")
 
     for error, status in ((KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")):
         def fails(*args, **kwargs):
             raise error()
         if trainer == "centralized":   # its epoch-0 validation runs before its MLflow run starts
-            import feddmmr.centralized as central
+            import feddmmr.training.centralized as central
             monkeypatch.setattr(central, "_train_epoch", fails)
         else:
             monkeypatch.setattr(metrics.Evaluator, "evaluate", fails)

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from feddmmr.data import load_prepared
-from feddmmr.checkpoint import load_checkpoint
+from feddmmr.data.prepare import load_prepared
+from feddmmr.training.checkpoint import load_checkpoint
 
 TINY = ["-S", "model.hidden=16", "-S", "model.heads=2", "-S", "model.ffn_hidden=16", "-S", "model.blocks=1",
         "-S", "pretrain_sasrec.rounds=3", "-S", "pretrain_sasrec.client_fraction=0.5",
@@ -127,7 +127,8 @@ def test_flower_engine_without_flower_names_the_extra(tmp_path, tiny_prepared, m
     hidden = {name for name in sys.modules if name.split(".")[0] == "flwr"} | {"flwr"}
     for name in hidden:                 # as if flwr were not installed, even after another test imported it
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(sys.modules, "feddmmr.flower", raising=False)
+    for name in [name for name in sys.modules if name.startswith("feddmmr.flower")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--engine", "flower", "--data", str(tiny_prepared)]) == 2
     assert capsys.readouterr().err.strip() == ("feddmmr: error: --engine flower needs Flower (flwr is not "
@@ -170,7 +171,7 @@ def test_a_full_disk_is_one_line_with_its_own_status_and_leaves_nothing(tmp_path
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, tiny_prepared):
     from conftest import tiny_params
-    from feddmmr.stages import train_stage
+    from feddmmr.training.stages import train_stage
     root = tmp_path_factory.mktemp("stage1")
     p = tiny_params(rounds=1)
     p.tracking.enabled = False

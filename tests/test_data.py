@@ -5,9 +5,9 @@ import pytest
 
 from conftest import shared
 from feddmmr.config import PrepareParams
-from feddmmr.client import train_windows
-from feddmmr.data import build_sequences, load_prepared, prepare, read_interactions
-from feddmmr.metrics import eval_inputs
+from feddmmr.federated.client import train_windows
+from feddmmr.data.prepare import build_sequences, load_prepared, prepare, read_interactions
+from feddmmr.evaluation.metrics import eval_inputs
 from feddmmr.errors import FeddmmrError
 
 

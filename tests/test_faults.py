@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import free_port, tiny_stage_params, wait_for_http, write_tiny_features
-from feddmmr.data import load_prepared
+from feddmmr.data.prepare import load_prepared
 from feddmmr.io import load_tensors
-from feddmmr.stages import train_stage
+from feddmmr.training.stages import train_stage
 
 TINY = ["-S", "model.hidden=16", "-S", "model.heads=2", "-S", "model.ffn_hidden=16", "-S", "model.blocks=1",
         "-S", "memory.st_capacity=3", "-S", "memory.lt_capacity=6", "-S", "memory.retrieve_lt=4"]

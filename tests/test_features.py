@@ -8,9 +8,9 @@ from PIL import Image
 
 from conftest import shared
 from feddmmr.config import PrepareParams, TextFeatureParams, VisualFeatureParams
-from feddmmr.data import load_prepared, prepare
+from feddmmr.data.prepare import load_prepared, prepare
 from feddmmr.errors import FeddmmrError
-from feddmmr.features import extract_text, extract_visual, load_clip, load_features, read_descriptions
+from feddmmr.features.extract import extract_text, extract_visual, load_clip, load_features, read_descriptions
 
 TINY_CLIP = Path(__file__).parent / "assets" / "feddmmr-tiny-clip.json"
 
@@ -156,7 +156,7 @@ def test_real_ml1m_plots_and_dbpedia_abstracts_parse():
 
 def test_a_second_writer_of_a_feature_folder_is_refused_at_once(ml1m_like, tmp_path):
     from feddmmr.config import Params
-    from feddmmr.features import extract
+    from feddmmr.features.extract import extract
     from feddmmr.io import exclusive
     _, prepared = ml1m_like
     with exclusive(tmp_path / "visual"):

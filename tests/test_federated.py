@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from feddmmr.data import load_prepared
-from feddmmr.client import ClientPool, train_round_sequential, train_round_vectorized
-from feddmmr.server import SERVER_OPTIMIZERS, FedAdam, FedAvgM, select_clients
-from feddmmr.checkpoint import build_model
+from feddmmr.data.prepare import load_prepared
+from feddmmr.federated.client import ClientPool, train_round_sequential, train_round_vectorized
+from feddmmr.federated.server import SERVER_OPTIMIZERS, FedAdam, FedAvgM, select_clients
+from feddmmr.training.checkpoint import build_model
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_vectorized_equals_sequential_reference(setup, epochs, optimizer, traina
 
 @pytest.mark.parametrize("optimizer, weight_decay", [("adam", 0.0), ("adam", 1e-2), ("sgd", 0.0), ("sgd", 1e-2)])
 def test_the_clients_optimizer_is_torch_optims_bit_for_bit(optimizer, weight_decay):
-    from feddmmr.client import ADAM_BETAS, ADAM_EPS, LocalOptimizer
+    from feddmmr.federated.client import ADAM_BETAS, ADAM_EPS, LocalOptimizer
     from feddmmr.config import TrainParams
     tp = TrainParams(optimizer=optimizer, lr=0.05, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(0)
@@ -128,8 +128,8 @@ def test_multimodal_executors_agree_on_weights_and_memories(setup, trainable_gro
     """Stages 2-3: both executors give the same aggregate and the same client memories."""
     from conftest import tiny_stage_params, write_tiny_features
     from feddmmr.model import group_of
-    from feddmmr.features import load_modalities
-    from feddmmr.checkpoint import build_memory
+    from feddmmr.features.extract import load_modalities
+    from feddmmr.training.checkpoint import build_memory
     data, pool = setup
     params = tiny_stage_params(clients_per_chunk=3)
     params.model.dropout = 0.0
@@ -165,8 +165,8 @@ def test_multimodal_executors_agree_on_weights_and_memories(setup, trainable_gro
 def test_trainable_tensor_without_gradient_stays_bit_identical_through_fedadam(setup, tmp_path):
     """No posters: the visual parameters train but get no gradient; FedAvg + FedAdam must not move them."""
     from conftest import tiny_stage_params, write_tiny_features
-    from feddmmr.features import load_modalities
-    from feddmmr.checkpoint import build_memory
+    from feddmmr.features.extract import load_modalities
+    from feddmmr.training.checkpoint import build_memory
     data, pool = setup
     params = tiny_stage_params()
     feats = load_modalities(write_tiny_features(tmp_path, data, visual=False), data)
@@ -216,7 +216,7 @@ def test_local_catalogues_equal_the_dense_item_table(setup, executor, optimizer,
 
 def test_a_client_weight_decay_trains_the_whole_item_table(setup):
     """Weight decay shrinks every row, so a round with it uses the dense table by default."""
-    from feddmmr.client import use_sparse
+    from feddmmr.federated.client import use_sparse
     tp = tiny_params(weight_decay=1e-4).pretrain_sasrec
     assert not use_sparse(["sasrec.item_emb.weight"], tp)
     assert use_sparse(["sasrec.final_ln.bias"], tp)
@@ -245,7 +245,7 @@ def test_full_softmax_trains_every_item_row_with_either_executor(setup):
 
 
 def test_auto_executor_is_the_sequential_loop_on_cpu_and_the_stacked_one_on_gpu():
-    from feddmmr.client import resolve_executor
+    from feddmmr.federated.client import resolve_executor
     assert resolve_executor("auto", torch.device("cpu")) == "sequential"
     assert resolve_executor("auto", torch.device("cuda")) == "vectorized"
     assert resolve_executor("vectorized", torch.device("cpu")) == "vectorized"
@@ -254,7 +254,7 @@ def test_auto_executor_is_the_sequential_loop_on_cpu_and_the_stacked_one_on_gpu(
 @pytest.mark.parametrize("rows_per_client", [3, 40])   # a union of rows; and clients holding more rows than the table
 def test_partial_sums_of_client_groups_equal_fedavg_of_the_clients(rows_per_client):
     """What a worker sends for a chunk of clients, added by the server, is FedAvg of those clients."""
-    from feddmmr.server import FedAvg, PartialSum
+    from feddmmr.federated.server import FedAvg, PartialSum
     g = torch.Generator().manual_seed(0)
     global_params = {"table": torch.randn(50, 4, generator=g), "dense": torch.randn(3, 2, generator=g),
                      "frozen": torch.randn(2, generator=g)}
@@ -307,7 +307,7 @@ def test_every_server_optimizer_leaves_frozen_tensors_bit_identical_and_resumes_
 def test_a_partial_sum_crosses_the_wire_format_unchanged():
     """PartialSum.to_arrays / from_arrays: what a Flower SuperNode sends and the server adds (dense tensors and
     row-wise sums over the union of the clients' rows), the same FedAvg result as adding the sum in process."""
-    from feddmmr.server import FedAvg, PartialSum
+    from feddmmr.federated.server import FedAvg, PartialSum
     g = {"table": torch.zeros(6, 2), "bias": torch.zeros(3)}
     part = PartialSum(g, ["table", "bias"])
     part.add({"table": torch.ones(2, 2), "bias": torch.ones(3)}, 2.0, rows={"table": torch.tensor([1, 4])})

@@ -11,9 +11,9 @@ import torch
 from conftest import write_tiny_features, write_tiny_project
 from safetensors.torch import load_file
 
-from feddmmr.data import load_prepared
+from feddmmr.data.prepare import load_prepared
 from feddmmr.errors import FeddmmrError
-from feddmmr.memory import POINTER_KEYS
+from feddmmr.model.memory import POINTER_KEYS
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("flwr") is None,
                                 reason="Flower is not installed: pip install -e '.[flower]' (make test installs it)")
@@ -97,8 +97,8 @@ def test_loopback_federation_trains_the_three_stages_the_simulator_trains(projec
 
 
 def test_a_supernode_without_its_partition_says_how_to_start_it():
-    from feddmmr.flower import node_partition
-    from feddmmr.flower import node_memory_dirs
+    from feddmmr.flower.client_app import node_partition
+    from feddmmr.flower.client_app import node_memory_dirs
     with pytest.raises(FeddmmrError, match="lacks features-dir, state-dir: the multimodal stages need"):
         node_memory_dirs({"data-dir": "d", "partition-id": 0, "num-partitions": 1})
     with pytest.raises(FeddmmrError, match="lacks partition-id, num-partitions.*--node-config"):

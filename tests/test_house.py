@@ -1,9 +1,13 @@
-"""The house: the package's import graph has no cycle, counting every import, deferred ones too."""
-import pytest
+"""The house: the package's import graph has no cycle, counting every import, deferred ones too, and every
+import goes down the layers that docs/architecture.md draws."""
 import ast
+import re
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "feddmmr"
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -52,6 +56,53 @@ def test_the_package_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def layers() -> dict[str, tuple[int, int]]:
+    """{subpackage or top-level module: (its row, its layer)}, from the table of docs/architecture.md: a row is a
+    room, whose modules import each other freely; rows of the same layer are siblings, which never do."""
+    table = ARCHITECTURE.read_text().split("<!-- layers -->")[1].split("<!-- /layers -->")[0]
+    out = {}
+    for row, line in enumerate(table.strip().splitlines()[2:]):
+        layer, names = line.split("|")[1:3]
+        for name in re.findall(r"`(\w+)/?`", names):
+            out[name] = (row, int(layer))
+    return out
+
+
+def room_of(module: str, table: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(row, layer) of feddmmr.model.sasrec: model's; the package root itself is in the CLI's row."""
+    name = module.split(".")[1] if "." in module else "cli"
+    if name not in table:
+        pytest.fail(f"{module} is in no layer of {ARCHITECTURE.name}: add its subpackage to the table")
+    return table[name]
+
+
+def upward_imports(graph: dict[str, set[str]], table: dict[str, tuple[int, int]]) -> list[str]:
+    wrong = []
+    for module, targets in sorted(graph.items()):
+        row, level = room_of(module, table)
+        for target in sorted(targets):
+            other_row, other_level = room_of(target, table)
+            if other_row != row and other_level >= level:
+                wrong.append(f"{module} (layer {level}) imports {target} (layer {other_level})")
+    return wrong
+
+
+def test_every_import_goes_down_the_layers_the_docs_draw():
+    wrong = upward_imports(import_graph(), layers())
+    assert not wrong, "imports that do not go down a layer:\n" + "\n".join(wrong)
+
+
+def test_an_upward_import_is_found():
+    table = {"model": (0, 1), "features": (1, 3), "evaluation": (2, 3), "training": (3, 6), "serving": (4, 8)}
+    graph = {"feddmmr.training.stages": {"feddmmr.serving.recommend", "feddmmr.model", "feddmmr.training.resume"},
+             "feddmmr.training.resume": set(), "feddmmr.serving.recommend": {"feddmmr.training.stages"},
+             "feddmmr.model": set(), "feddmmr.features.extract": {"feddmmr.evaluation.metrics"},
+             "feddmmr.evaluation.metrics": set()}
+    assert upward_imports(graph, table) == [
+        "feddmmr.features.extract (layer 3) imports feddmmr.evaluation.metrics (layer 3)",
+        "feddmmr.training.stages (layer 6) imports feddmmr.serving.recommend (layer 8)"]
+
+
 def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
@@ -60,10 +111,10 @@ def test_the_cycle_finder_finds_one():
 def test_every_choice_has_one_home_that_matches_what_the_trainers_run():
     """config.CHOICES is where choices are checked, for every trainer; the registries the trainers pick from
     must offer exactly those (a choice listed but not implemented, or implemented but refused, fails here)."""
-    from feddmmr.client import CLIENT_OPTIMIZERS, EXECUTORS
+    from feddmmr.federated.client import CLIENT_OPTIMIZERS, EXECUTORS
     from feddmmr.config import CHOICES
     from feddmmr.model.loss import LOSSES
-    from feddmmr.server import SERVER_OPTIMIZERS
+    from feddmmr.federated.server import SERVER_OPTIMIZERS
     assert set(CHOICES["optimizer"]) == set(CLIENT_OPTIMIZERS)
     assert set(CHOICES["server_optimizer"]) == set(SERVER_OPTIMIZERS)
     assert set(CHOICES["loss"]) == set(LOSSES)
@@ -89,14 +140,14 @@ def test_a_choice_outside_its_set_is_refused_for_every_trainer(override, message
 def test_the_flower_federation_implements_the_declared_round_interface():
     """stages.train_stage takes a workers.Federation (was: attributes guessed with getattr and defaults)."""
     pytest.importorskip("flwr", reason="Flower is not installed (pip install -e '.[flower]')")
-    from feddmmr.flower import FlowerRounds
-    from feddmmr.workers import Federation
+    from feddmmr.flower.server_app import FlowerRounds
+    from feddmmr.federated.workers import Federation
     assert isinstance(FlowerRounds(grid=None, nodes=[1, 2], timeout=1.0), Federation)
 
 
 def test_a_round_executor_without_the_interface_is_refused_before_anything_runs(tiny_prepared, tmp_path):
     from conftest import tiny_params
-    from feddmmr.stages import train_stage
+    from feddmmr.training.stages import train_stage
     with pytest.raises(TypeError, match="rounds must implement workers.Federation"):
         train_stage("pretrain_sasrec", tiny_params(rounds=1), tiny_prepared, tmp_path / "ck", tmp_path / "m.json",
                     rounds=lambda *a, **k: None)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from feddmmr.config import MemoryParams
-from feddmmr.memory import MemoryBank, combined_features
+from feddmmr.model.memory import MemoryBank, combined_features
 
 
 def bank(comb=None, **kw):

@@ -7,10 +7,10 @@ import torch
 
 from conftest import tiny_params
 from feddmmr.config import PrepareParams
-from feddmmr.data import load_prepared, prepare
+from feddmmr.data.prepare import load_prepared, prepare
 from feddmmr.errors import ImpossibleMetric
-from feddmmr.metrics import Evaluator, rank_metrics
-from feddmmr.checkpoint import build_model
+from feddmmr.evaluation.metrics import Evaluator, rank_metrics
+from feddmmr.training.checkpoint import build_model
 
 
 def test_rank_metrics_by_hand():

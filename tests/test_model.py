@@ -66,7 +66,7 @@ def _train_experts(m):
 
 
 def test_every_parameter_belongs_to_exactly_one_group():
-    from feddmmr.model import GROUPS, group_of
+    from feddmmr.model import group_of, GROUPS
     m = _mm()
     seen = {group_of(k) for k, _ in m.named_parameters()}
     assert seen == set(GROUPS)

@@ -13,9 +13,23 @@ from conftest import REPO, add_dvc_pipeline, write_tiny_project
 BIN = Path(sys.executable).parent
 
 
-def dvc(*args, cwd):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+def dvc(*args, cwd, **env_extra):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **env_extra}
     return subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+# imported by every Python process started with this folder on PYTHONPATH: at exit, it writes the process's
+# command line and the feddmmr modules it loaded (the code it ran) to $FEDDMMR_MODULES_LOG/<pid>.txt
+MODULE_LOG_HOOK = """import atexit, os, sys
+def _write():
+    with open(os.path.join(os.environ["FEDDMMR_MODULES_LOG"], f"{os.getpid()}.txt"), "w") as f:
+        f.write("\\n".join([" ".join(sys.argv)] + sorted(m for m in sys.modules if m.split(".")[0] == "feddmmr")))
+if os.environ.get("FEDDMMR_MODULES_LOG"):
+    atexit.register(_write)
+"""
+
+
+MODULES_LOGS: dict[Path, Path] = {}
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +39,11 @@ def project(tmp_path_factory):
     root = add_dvc_pipeline(write_tiny_project(tmp_path_factory.mktemp("project"), top_k_users=60, eval_negatives=50))
     r = dvc("init", "--no-scm", "-q", cwd=root)
     assert r.returncode == 0, r.stderr
-    r = dvc("repro", cwd=root)
+    hook, log = tmp_path_factory.mktemp("hook"), tmp_path_factory.mktemp("modules")
+    (hook / "sitecustomize.py").write_text(MODULE_LOG_HOOK)
+    r = dvc("repro", cwd=root, PYTHONPATH=str(hook), FEDDMMR_MODULES_LOG=str(log))
     assert r.returncode == 0, r.stdout + r.stderr
+    MODULES_LOGS[root] = log   # what each stage's command loaded (test_each_stage_depends_on_the_code_it_runs)
     return root
 
 
@@ -54,6 +71,83 @@ def test_bytecode_caches_leave_every_stage_up_to_date(project):
     assert list((project / "feddmmr").rglob("*.pyc"))
     status = dvc("status", cwd=project)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+
+
+RECORDS = ("feddmmr/tracking/", "feddmmr/serving/")   # write to MLflow, never to a stage's outputs
+ENGINE_APPS = "feddmmr/flower/"    # run by the training stages when federation.engine is flower (here: simulator)
+
+
+def _stage_of(argv: list[str]) -> str | None:
+    """The dvc.yaml stage a `feddmmr` command line runs."""
+    if not argv[0].endswith("feddmmr"):
+        return None
+    args = [a for a in argv[1:] if a != "-q"]
+    if args[0] == "features":
+        return f"features_{args[1]}"
+    return args[args.index("--stage") + 1] if args[0] == "train" else args[1] if args[0] == "baseline" else args[0]
+
+
+def _loaded_files(log: Path) -> dict[str, set[str]]:
+    """{stage: the package files of the modules its command loaded}, from the module log of `dvc repro`."""
+    loaded: dict[str, set[str]] = {}
+    for f in log.glob("*.txt"):
+        argv, *modules = f.read_text().splitlines()
+        stage = _stage_of(argv.split())
+        for m in modules if stage else ():
+            path = m.replace(".", "/")
+            loaded.setdefault(stage, set()).add(f"{path}/__init__.py" if (REPO / path).is_dir() else f"{path}.py")
+    return loaded
+
+
+def _code_deps(stage: dict) -> set[str]:
+    files = set()
+    for dep in stage["deps"]:
+        if dep.split("/")[0] == "feddmmr":
+            target = REPO / dep
+            files |= ({p.relative_to(REPO).as_posix() for p in target.rglob("*.py")} if target.is_dir() else {dep})
+    return files
+
+
+def test_each_stage_depends_on_the_code_it_runs_and_nothing_else(project):
+    """dvc.yaml's code dependencies of a stage are the package files whose modules its command loads (the records,
+    which write to MLflow only, aside): a module it runs that DVC does not watch would leave stale outputs after
+    an edit, a file it never runs would retrain it for nothing."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    loaded = _loaded_files(MODULES_LOGS[project])
+    assert set(loaded) == set(stages), set(stages) ^ set(loaded)
+    for name, stage in stages.items():
+        deps, ran = _code_deps(stage), {f for f in loaded[name] if not f.startswith(RECORDS)}
+        assert not ran - deps, f"{name} runs {sorted(ran - deps)}, which dvc.yaml does not list"
+        unused = {f for f in deps - ran if not (f.startswith(ENGINE_APPS) and "federation.engine" in stage["params"])}
+        assert not unused, f"{name} depends on {sorted(unused)}, which it does not run"
+
+
+def _touch(project: Path, relative: str) -> str:
+    """Change a package file of the scratch project the way an edit would; returns the old text."""
+    path = project / relative
+    old = path.read_text()
+    path.write_text(old + "\n# an edit\n")
+    return old
+
+
+@pytest.mark.parametrize("edited, stale", [
+    ("feddmmr/serving/recommend.py", set()),
+    ("feddmmr/serving/pyfunc.py", set()),
+    ("feddmmr/experiments/sweeps.py", set()),
+    ("feddmmr/tracking/run.py", set()),
+    ("feddmmr/model/sasrec.py", {"pretrain_sasrec", "align_projectors", "finetune_moe", "centralized"}),
+    ("feddmmr/features/extract.py", {"features_text", "features_visual", "pretrain_sasrec", "align_projectors",
+                                     "finetune_moe", "centralized"}),
+])
+def test_an_edit_reruns_exactly_the_stages_whose_code_it_changes(project, edited, stale):
+    old = _touch(project, edited)
+    try:
+        status = dvc("status", "--json", cwd=project)
+        assert status.returncode == 0, status.stderr
+        assert set(json.loads(status.stdout)) == stale
+    finally:
+        (project / edited).write_text(old)
+    assert "up to date" in dvc("status", cwd=project).stdout
 
 
 def test_dvc_repro_rebuilds_only_what_changed(project):
@@ -206,7 +300,7 @@ def test_dvc_plots_page_draws_offline_with_a_colour_per_series(project, tmp_path
     import shutil
     page = REPO / ".dvc" / "plots" / "page.html"
     if not page.is_file():
-        pytest.skip(f"{page} is missing: `make install` writes it (python -m feddmmr.plots_page)")
+        pytest.skip(f"{page} is missing: `make install` writes it (python -m feddmmr.tracking.plots_page)")
     shutil.copytree(REPO / ".dvc" / "plots", project / ".dvc" / "plots", dirs_exist_ok=True)
     assert dvc("config", "plots.html_template", "plots/page.html", cwd=project).returncode == 0
     r = dvc("plots", "show", "-o", str(tmp_path / "plots"), cwd=project)

@@ -1,8 +1,8 @@
-"""`python -m feddmmr.plots_page`: the offline page for `dvc plots show`, built only from the pinned releases."""
+"""`python -m feddmmr.tracking.plots_page`: the offline page for `dvc plots show`, built only from the pinned releases."""
 import io
 import tarfile
 
-from feddmmr import plots_page
+from feddmmr.tracking import plots_page
 
 
 def _fake_tarball(folder, package):

@@ -15,13 +15,13 @@ import pytest
 
 from conftest import free_port, tiny_stage_params, wait_for_http, write_tiny_features
 from feddmmr.config import MemoryParams
-from feddmmr.data import load_prepared
+from feddmmr.data.prepare import load_prepared
 from feddmmr.errors import FeddmmrError
-from feddmmr.memory import MemoryBank
-from feddmmr.metrics import Evaluator
-from feddmmr.recommend import Recommender
-from feddmmr.serving import CHAMPION, REGISTERED_MODEL
-from feddmmr.stages import train_stage
+from feddmmr.model.memory import MemoryBank
+from feddmmr.evaluation.metrics import Evaluator
+from feddmmr.serving.recommend import Recommender
+from feddmmr.tracking.registry import CHAMPION, REGISTERED_MODEL
+from feddmmr.training.stages import train_stage
 
 STAGES = ("pretrain_sasrec", "finetune_moe")   # the 2-stage path: one id-only and one multimodal model
 
@@ -47,7 +47,7 @@ def trained(tiny_csv, tiny_prepared, tmp_path_factory):
 
 
 def recommender(trained, tiny_prepared, stage):
-    from feddmmr.features import item_titles
+    from feddmmr.features.extract import item_titles
     from feddmmr.config import PrepareParams
     titles = item_titles(PrepareParams(source="csv", path=str(trained["csv"])))
     return Recommender.load(trained["root"] / "checkpoints" / stage, tiny_prepared, trained["features"], titles)

@@ -7,8 +7,8 @@ import torch
 
 from feddmmr.config import MemoryParams
 from feddmmr.errors import FeddmmrError
-from feddmmr.memory import MemoryBank, read_pointer
-from feddmmr.remote_memory import NodeMemories, RemoteMemory, keep_only, run_name, summary_of, summary_parts
+from feddmmr.model.memory import MemoryBank, read_pointer
+from feddmmr.flower.node_memory import NodeMemories, RemoteMemory, keep_only, run_name, summary_of, summary_parts
 
 PARAMS = MemoryParams(st_capacity=3, lt_capacity=4, retrieve_lt=2, surprise_threshold=0.3)
 

@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from feddmmr import runtime
+from feddmmr.federated import runtime
 from feddmmr.errors import FeddmmrError
 
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import tiny_stage_params, write_tiny_features
-from feddmmr.data import load_prepared
+from feddmmr.data.prepare import load_prepared
 from feddmmr.errors import FeddmmrError
 from feddmmr.io import load_tensors, save_tensors
 from feddmmr.model import group_of
-from feddmmr.checkpoint import build_model, load_checkpoint
-from feddmmr.stages import train_stage
+from feddmmr.training.checkpoint import build_model, load_checkpoint
+from feddmmr.training.stages import train_stage
 
 
 def _params(**kw):
@@ -91,7 +91,7 @@ def test_memory_is_kept_with_the_checkpoint_and_used_in_evaluation(chain, tiny_p
     model, config, memory = load_checkpoint(root / "ck" / "finetune_moe", load_prepared(tiny_prepared),
                                             root / "features")
     assert memory is not None and (memory.participations > 0).any() and (memory.lt_ids > 0).any()
-    from feddmmr.metrics import Evaluator
+    from feddmmr.evaluation.metrics import Evaluator
     ev = Evaluator(load_prepared(tiny_prepared), p.evaluation.ks, p.evaluation.batch_size)
     with_memory = ev.evaluate(model, "test", memory)
     assert with_memory["full"] == json.loads((root / "finetune_moe.json").read_text())["test"]["full"]
@@ -186,7 +186,7 @@ def test_which_groups_train_is_a_parameter(chain, tiny_prepared, tmp_path):
 def test_modalities_and_long_term_memory_are_stage_parameters(chain, tiny_prepared, tmp_path):
     """The text-only and no-long-term-memory ablations as params changes; the checkpoint keeps them, so its
     evaluation reproduces the stage's test metrics."""
-    from feddmmr.metrics import Evaluator
+    from feddmmr.evaluation.metrics import Evaluator
     root, _ = chain
     data = load_prepared(tiny_prepared)
     p = _params()

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from feddmmr.metrics import rank_metrics
-from feddmmr.stats import paired_test, per_user, seed_interval
+from feddmmr.evaluation.metrics import rank_metrics
+from feddmmr.evaluation.stats import paired_test, per_user, seed_interval
 
 
 def test_per_user_metrics_average_to_the_evaluator_metrics():

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from conftest import git_dvc_project
-from feddmmr.stats import seed_interval
+from feddmmr.evaluation.stats import seed_interval
 
 BIN = Path(sys.executable).parent
 
@@ -78,9 +78,9 @@ def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(project):
 
 @pytest.mark.slow
 def test_ablate_retrains_stage3_once_per_ablation_and_tests_each_against_the_full_model(project):
-    from feddmmr.stats import paired_test
-    from feddmmr.sweeps import ABLATIONS
-    from feddmmr.tracking import test_ranks
+    from feddmmr.evaluation.stats import paired_test
+    from feddmmr.experiments.sweeps import ABLATIONS
+    from feddmmr.tracking.reports import test_ranks
     chosen = ["backbone-only", "text-only", "no-contrastive-loss"]            # and full, the reference
     out = sh(BIN / "feddmmr", "ablate", *chosen, cwd=project)
     names = {line.split(":")[0]: line.split("experiment ")[1].split(" ")[0]
@@ -127,8 +127,8 @@ def test_experiments_that_cannot_run_are_refused_before_running_any(tmp_path, co
 
 
 def test_a_restored_seed_retrains_the_whole_pipeline_unless_dvc_lock_is_tracked_and_current(tmp_path):
-    from feddmmr.sweeps import _seeded_stages_alone
-    from feddmmr.sweeps import SEEDED
+    from feddmmr.experiments.sweeps import _seeded_stages_alone
+    from feddmmr.experiments.sweeps import SEEDED
     project = git_dvc_project(tmp_path / "project")            # no dvc.lock yet: DVC restored from its run-cache
     assert _seeded_stages_alone(project) == []
     sh(BIN / "dvc", "repro", cwd=project)

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import free_port, tiny_params, wait_for_http
 from feddmmr.errors import FeddmmrError
-from feddmmr.stages import train_stage
-from feddmmr.tracking import compare
+from feddmmr.training.stages import train_stage
+from feddmmr.tracking.reports import compare
 
 
 def _runs(uri):
@@ -117,7 +117,7 @@ def test_stage_diff_reports_config_changes_and_frozen_modules(tiny_prepared, tmp
     import json
 
     from feddmmr.io import load_tensors, save_tensors
-    from feddmmr.tracking import format_diff, stage_diff
+    from feddmmr.tracking.diff import format_diff, stage_diff
 
     params = tiny_params(rounds=1)
     params.tracking.enabled = False
@@ -130,7 +130,9 @@ def test_stage_diff_reports_config_changes_and_frozen_modules(tiny_prepared, tmp
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     cfg["train"]["lr"] = 0.5
     (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
-    diff = stage_diff(tmp_path / "a", tmp_path / "b")
+    from feddmmr.model import group_of
+    diff = stage_diff(tmp_path / "a", tmp_path / "b", group_of)
+    assert diff["modules"]["sasrec.item_emb"]["group"] == group_of("sasrec.item_emb.weight") != "-"
     assert diff["config"] == {"train.lr": [params.pretrain_sasrec.lr, 0.5]}
     assert diff["modules"]["sasrec.item_emb"]["changed"] is False and diff["modules"]["sasrec.item_emb"]["l2_delta"] == 0.0
     assert diff["modules"]["sasrec.blocks.0.attn"]["changed"] is True and diff["modules"]["sasrec.blocks.0.attn"]["l2_delta"] > 0
@@ -141,7 +143,7 @@ def test_later_stages_log_load_report_param_diff_and_router_curves(tiny_prepared
     import json
 
     from conftest import tiny_stage_params, write_tiny_features
-    from feddmmr.data import load_prepared
+    from feddmmr.data.prepare import load_prepared
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -172,7 +174,7 @@ def test_later_stages_log_load_report_param_diff_and_router_curves(tiny_prepared
     assert all(s in table for s in ("pretrain_sasrec", "align_projectors", "finetune_moe"))
     # per-user test ranks beside each checkpoint and in MLflow: compare tests each stage against the first
     from feddmmr.io import load_tensors
-    from feddmmr.stats import paired_test, per_user
+    from feddmmr.evaluation.stats import paired_test, per_user
     ranks = {s: load_tensors(tmp_path / "ck" / s / "test_ranks.safetensors", "ranks", "")["full"].numpy()
              for s in run}
     users = load_prepared(tiny_prepared).num_users
@@ -183,7 +185,7 @@ def test_later_stages_log_load_report_param_diff_and_router_curves(tiny_prepared
         want = paired_test(ranks["pretrain_sasrec"], ranks[stage], "NDCG@10").describe()
         assert f"  {stage}: {want}" in table.splitlines()
     # an ad-hoc stage 1 beside the pipeline (same commit and data, another --out) is not the pipeline's stage 1
-    from feddmmr.serving import CHAMPION, REGISTERED_MODEL
+    from feddmmr.tracking.registry import CHAMPION, REGISTERED_MODEL
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).version
     params.pretrain_sasrec.rounds = 1
     train_stage("pretrain_sasrec", params, tiny_prepared, tmp_path / "ck7" / "typo", tmp_path / "typo.json",
@@ -201,7 +203,7 @@ def test_a_signal_during_a_store_write_waits_for_the_write(tmp_path, monkeypatch
     """SIGTERM/Ctrl-C inside an sqlite write could leave the store locked and the run RUNNING forever:
     the write finishes first, then the interrupt ends the run, which is marked KILLED."""
     from feddmmr import interrupts
-    from feddmmr.tracking import StageRun
+    from feddmmr.tracking.run import StageRun
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
     saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     interrupts.install()
@@ -229,7 +231,7 @@ def test_a_signal_during_a_store_write_waits_for_the_write(tmp_path, monkeypatch
 def test_the_default_store_is_the_projects_even_from_a_dvc_temp_copy(tmp_path, monkeypatch):
     """`dvc exp run --temp`, queued experiments and flow-run workspaces run in copies under <project>/.dvc/tmp/:
     their MLflow runs land in the project's store, not in a folder that is deleted afterwards."""
-    from feddmmr.tracking import project_root, tracking_uri
+    from feddmmr.tracking.store import project_root, tracking_uri
     copy = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "run" / "abc123"
     copy.mkdir(parents=True)
     assert project_root(copy) == tmp_path / "project"
@@ -296,7 +298,7 @@ def test_a_store_whose_disk_fills_mid_stage_is_one_warning_and_records_the_rest_
 
 def test_the_champion_moves_only_to_a_better_model_on_the_same_data_and_never_to_a_candidate(tmp_path, monkeypatch):
     """A 2/1/1-round flow run with overrides (validation NDCG@10 0.137) used to replace a full run's (0.498)."""
-    from feddmmr.serving import CHAMPION, REGISTERED_MODEL, SELECTION, crown_champion
+    from feddmmr.tracking.registry import CHAMPION, crown_champion, REGISTERED_MODEL, SELECTION
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -337,7 +339,7 @@ def test_the_champion_moves_only_to_a_better_model_on_the_same_data_and_never_to
 def test_a_train_command_with_overrides_or_its_own_output_is_a_candidate(tmp_path, monkeypatch):
     from feddmmr.cli import build_parser
     from feddmmr.config import Params
-    from feddmmr.tracking import CANDIDATE_ENV, is_candidate
+    from feddmmr.tracking.run import CANDIDATE_ENV, is_candidate
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(CANDIDATE_ENV, "")     # absent now, and absent again afterwards: _train sets it below
     monkeypatch.delenv(CANDIDATE_ENV)
@@ -351,7 +353,7 @@ def test_a_train_command_with_overrides_or_its_own_output_is_a_candidate(tmp_pat
     assert is_candidate()
     from feddmmr import cli
     seen = []
-    monkeypatch.setattr("feddmmr.stages.train_stage", lambda *a, **k: seen.append(os.environ.get(CANDIDATE_ENV)) or dict.fromkeys(
+    monkeypatch.setattr("feddmmr.training.stages.train_stage", lambda *a, **k: seen.append(os.environ.get(CANDIDATE_ENV)) or dict.fromkeys(
         ("stage", "best_round", "seconds_per_round", "test")))
     for argv, expected in ((["train"], None), (["train", "--out", "checkpoints/pretrain_sasrec"], None),
                            (["train", "--out", "ck7/typo"], "1"), (["train", "-S", "pretrain_sasrec.rounds=2"], "1")):
@@ -362,7 +364,7 @@ def test_a_train_command_with_overrides_or_its_own_output_is_a_candidate(tmp_pat
 
 def test_compare_shows_the_popularity_floor_that_dvc_restored(tiny_prepared, tmp_path, monkeypatch):
     """A pipeline run whose popularity stage DVC restored (no run of its own) used to lose that column."""
-    from feddmmr.baselines import run_baseline
+    from feddmmr.training.baselines import run_baseline
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
     params = tiny_params(rounds=1)
@@ -379,7 +381,7 @@ def test_compare_shows_the_popularity_floor_that_dvc_restored(tiny_prepared, tmp
 
 def test_mlflow_links_open_the_model_training_view(monkeypatch):
     """MLflow 3.17's UI opens an experiment in its GenAI view unless the link asks for the training view."""
-    from feddmmr.tracking import ui_url
+    from feddmmr.tracking.store import ui_url
     monkeypatch.delenv("FEDDMMR_MLFLOW_UI", raising=False)
     assert ui_url("1", "abc", "sqlite:////p/mlruns.db") == \
         "http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning"

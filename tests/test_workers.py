@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import tiny_params, tiny_stage_params, write_tiny_features
-from feddmmr.client import ClientPool, train_round_sequential
-from feddmmr.data import load_prepared
+from feddmmr.federated.client import ClientPool, train_round_sequential
+from feddmmr.data.prepare import load_prepared
 from feddmmr.errors import FeddmmrError, SystemFailure
-from feddmmr.server import select_clients
-from feddmmr.checkpoint import build_memory, build_model
-from feddmmr.workers import Workers
+from feddmmr.federated.server import select_clients
+from feddmmr.training.checkpoint import build_memory, build_model
+from feddmmr.federated.workers import Workers
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_worker_processes_train_the_in_process_rounds_bit_for_bit(setup, process
 
 def test_worker_processes_feed_the_same_memories(setup, tmp_path):
     """Stages 2-3: memory slots go out with each chunk and the observed surprises come back to the memory."""
-    from feddmmr.features import load_modalities
+    from feddmmr.features.extract import load_modalities
     data, pool = setup
     params = tiny_stage_params(clients_per_chunk=4)
     tp = params.finetune_moe
@@ -118,8 +118,8 @@ def test_a_chunk_sent_to_a_worker_is_small_whatever_the_round_size(setup, tmp_pa
     """A chunk holding a view of the whole round's memory slots pickled them all: with 1,000 clients a task
     outgrew the socket buffer and the pipe deadlocked against a worker sending its result."""
     import pickle
-    from feddmmr.client import client_chunks
-    from feddmmr.features import load_modalities
+    from feddmmr.federated.client import client_chunks
+    from feddmmr.features.extract import load_modalities
     data, _ = setup
     params = tiny_stage_params()
     memory = build_memory(params, data, load_modalities(write_tiny_features(tmp_path, data), data))

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modalities import NAMES, QUERY
-from ..rows import take_rows
-from .experts import MemoryExpert
-from .router import Router
-from .sasrec import SASRec, score_items
+from feddmmr.modalities import NAMES, QUERY
+from feddmmr.model.experts import MemoryExpert
+from feddmmr.model.router import Router
+from feddmmr.model.rows import take_rows
+from feddmmr.model.sasrec import SASRec, score_items
 
 # Every parameter belongs to exactly one group; stages load, train and freeze whole groups.
 GROUPS: dict[str, tuple[str, ...]] = {

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..config import TrainParams
+from feddmmr.config import TrainParams
 
 LOSSES = ("ce", "bpr", "full")   # params: <stage>.loss
 FULL_LOSS_STAGES = "the backbone alone (pretrain_sasrec)"   # where ``full`` applies: the experts score sampled candidates

@@ -1,0 +1,1 @@
+"""The data layer: raw sources, the prepared split, the embedded demo."""

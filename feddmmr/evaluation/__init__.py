@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics, per-user paired tests and seed intervals."""

@@ -1,0 +1,1 @@
+"""Experiments: seed sweeps and ablations over the pipeline."""

@@ -1,0 +1,1 @@
+"""The item features: text (SBERT) and visual (CLIP) extraction and the feature store."""

@@ -1,6 +1,0 @@
-"""The MLflow model's code (models-from-code): the logged model is this file plus its artifacts, never a pickle."""
-from mlflow.models import set_model
-
-from feddmmr.serving import FedDMMRModel
-
-set_model(FedDMMRModel())

@@ -1,0 +1,1 @@
+"""Serving: recommendations from a checkpoint, the MLflow pyfunc model, registered-model loading."""

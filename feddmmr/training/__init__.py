@@ -1,0 +1,1 @@
+"""Training: checkpoints, the federated stages, resume state, the centralized counterpart, baselines."""
