@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import yaml
+from feddmmr.modalities import NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def feddmmr(root: Path, *args: str) -> None:
 
 def start_checkpoint(root: Path) -> None:
     """What stages 2-3 start from: item features of the demo data and a stage-1 checkpoint (the simulator)."""
-    for modality in ("text", "visual"):
+    for modality in NAMES:
         feddmmr(root, "features", modality)
     feddmmr(root, "train", "-S", "pretrain_sasrec.rounds=2", "-S", "tracking.enabled=false", "--out", "ck/pretrain_sasrec",
             "--metrics", "m/pretrain_sasrec.json")

@@ -26,7 +26,8 @@ from feddmmr.federated.client import ClientPool, train_round_sequential, train_r
 from feddmmr.model.memory import MemoryBank
 from feddmmr.evaluation.metrics import Evaluator
 from feddmmr.model import group_of
-from feddmmr.features.extract import extract, load_modalities
+from feddmmr.features.extract import extract
+from feddmmr.features.store import load_modalities
 from feddmmr.modalities import NAMES
 from feddmmr.federated.server import select_clients
 from feddmmr.federated.runtime import ThreadPool

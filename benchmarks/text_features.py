@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feddmmr.config import PrepareParams, TextFeatureParams
+from feddmmr.config import PrepareParams
+from feddmmr.modalities import TextFeatureParams
 from feddmmr.data.prepare import load_prepared, prepare
-from feddmmr.features.extract import extract_text, load_features
+from feddmmr.features.text import extract_text
+from feddmmr.features.store import load_features
 
 REPO = Path(__file__).resolve().parents[1]
 

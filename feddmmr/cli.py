@@ -20,7 +20,7 @@ DESCRIPTION = """FedDMMR: federated multimodal sequential recommendation, as a r
 
 Commands (prepare, features, train and baseline are also the DVC stages of dvc.yaml):
   prepare   ingest MovieLens-1M / MovieLens-100K / a CSV, subset users, leave-one-out split
-  features  item features: `features text` (sentence-transformers) and `features visual` (open_clip)
+  features  item features of a modality: `features <modality>` ({modalities})
   train     federated training of a stage: pretrain_sasrec -> align_projectors -> finetune_moe
   evaluate  evaluate a stage checkpoint (full ranking and 1+100 sampled negatives)
   baseline  a reference evaluated the same way: popularity, or the centralized counterpart
@@ -30,7 +30,7 @@ Commands (prepare, features, train and baseline are also the DVC stages of dvc.y
   ablate    stage 3 retrained without each of its parts (DVC experiments): the ablation table
   recommend top-k items for a user, a file of users or a new user's history
   make-demo write the small synthetic dataset used as the embedded default
-"""
+""".format(modalities=", ".join(NAMES))
 
 
 def _add_params(p: argparse.ArgumentParser) -> None:
@@ -75,9 +75,10 @@ def _prepare_parser(sub) -> None:
 
 
 def _features_parser(sub) -> None:
-    p = sub.add_parser("features", help="extract item text or poster features",
-                       description="Embed every prepared item with a text model (features_text section) or a CLIP "
-                                   "image model (features_visual section). Writes features.safetensors (rows indexed "
+    p = sub.add_parser("features", help=f"extract the item features of a modality ({', '.join(NAMES)})",
+                       description="Embed every prepared item with the modality's extractor (its params: the "
+                                   f"features_<modality> section; the modalities: {', '.join(NAMES)}, as "
+                                   "feddmmr/modalities.py registers them). Writes features.safetensors (rows indexed "
                                    "by prepared item id, row 0 padding, L2-normalised, masked zero rows for missing "
                                    "items) and report.json (coverage, model, dims, source hashes).")
     p.add_argument("modality", choices=NAMES, help="which feature to extract (its params: features_<modality>)")
@@ -104,18 +105,20 @@ run (a worker killed or out of memory, the disk full: run it again, it resumes);
 
 Stages (each reads its own params.yaml section):
   pretrain_sasrec   SASRec over item ids; everything trains.
-  align_projectors  loads item embeddings + backbone from pretrain_sasrec; only the text/visual
+  align_projectors  loads item embeddings + backbone from pretrain_sasrec; only the modalities'
                     projections and the residual gate train (alignment to the frozen item space).
   finetune_moe      loads every group from align_projectors (or item embeddings + backbone from
                     pretrain_sasrec when finetune_moe.init_from is pretrain_sasrec: the 2-stage path);
                     everything but the item embeddings trains.
-Stages 2-3 need the feature files (`feddmmr features text|visual`) and keep a memory per client.""")
+Stages 2-3 need the feature files (`feddmmr features <modality>`: {modalities}) and keep a memory per
+client.""".format(modalities=", ".join(NAMES)))
     _add_params(p)
     p.add_argument("--stage", default="pretrain_sasrec", choices=["pretrain_sasrec", "align_projectors", "finetune_moe"],
                    help="stage to train (default: pretrain_sasrec)")
     p.add_argument("--data", default="data/prepared", help="prepared data directory (default: data/prepared)")
     p.add_argument("--features", default="features",
-                   help="folder with text/ and visual/ feature outputs, stages 2-3 (default: features)")
+                   help=f"folder with a <modality>/ feature output each ({', '.join(NAMES)}), stages 2-3 "
+                        "(default: features)")
     p.add_argument("--init", help="checkpoint to start from (default: checkpoints/<init_from> beside --out)")
     p.add_argument("--out", help="checkpoint directory (default: checkpoints/<stage>)")
     p.add_argument("--metrics", help="metrics JSON file (default: metrics/<stage>.json); the few that dvc exp show "
@@ -388,7 +391,7 @@ def _recommender(args: argparse.Namespace):
         from feddmmr.serving.pyfunc import LoadedModel
         return LoadedModel(args.model).recommend, f"MLflow model {args.model}"
     from feddmmr.config import load_params
-    from feddmmr.features.extract import item_titles
+    from feddmmr.data.items import item_titles
     from feddmmr.serving.recommend import Recommender
     params = load_params(args.params, args.overrides)
     checkpoint = args.checkpoint or "checkpoints/finetune_moe"

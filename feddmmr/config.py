@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from feddmmr.errors import FeddmmrError
-from feddmmr.modalities import NAMES
+from feddmmr.modalities import MODALITIES, NAMES, TextFeatureParams, VisualFeatureParams
 
 if TYPE_CHECKING:
     import torch
@@ -127,25 +127,6 @@ class MemoryParams:
 
 
 @dataclass
-class TextFeatureParams:
-    model: str = "all-MiniLM-L6-v2"  # sentence-transformers name or local folder; default ships offline
-    movies: str = ""                 # item metadata (movies.dat, u.item or CSV item,title[,genres]); '' = beside the data
-    descriptions: str = ""           # optional JSON {item_id: text} or '::' extras file (plot field)
-    batch_size: int = 64
-    device: str = "auto"             # auto | cpu | cuda
-
-
-@dataclass
-class VisualFeatureParams:
-    model: str = "ViT-B-32"          # open_clip model name
-    pretrained: str = "openai"       # open_clip tag, a local weights file, or 'none' for random weights
-    images: str = ""                 # folder of <raw_item_id>.jpg|png; '' = no posters (visual modality masked)
-    dim: int = 512                   # feature size written when no posters are configured
-    batch_size: int = 32
-    device: str = "auto"
-
-
-@dataclass
 class TrackingParams:
     enabled: bool = True             # MLflow runs (store: MLFLOW_TRACKING_URI or sqlite:///mlruns.db)
     log_models: bool = True          # each stage logs its model and registers it as a version of `feddmmr`
@@ -167,12 +148,12 @@ class FederationParams:
 
 
 @dataclass
-class Params:
+class FixedParams:
+    """The sections every pipeline has; ``Params`` adds one ``features_<name>`` section per modality."""
+
     prepare: PrepareParams = field(default_factory=PrepareParams)
     model: ModelParams = field(default_factory=ModelParams)
     evaluation: EvalParams = field(default_factory=EvalParams)
-    features_text: TextFeatureParams = field(default_factory=TextFeatureParams)
-    features_visual: VisualFeatureParams = field(default_factory=VisualFeatureParams)
     pretrain_sasrec: TrainParams = field(default_factory=TrainParams)
     multimodal: MultimodalParams = field(default_factory=MultimodalParams)
     memory: MemoryParams = field(default_factory=MemoryParams)
@@ -185,6 +166,17 @@ class Params:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+if TYPE_CHECKING:
+    class Params(FixedParams):   # as type checkers see it
+        features_text: TextFeatureParams
+        features_visual: VisualFeatureParams
+else:   # the params section features_<name> of every modality of the registry
+    Params = dataclasses.make_dataclass(
+        "Params", [(f"features_{m.name}", m.params, field(default_factory=m.params)) for m in MODALITIES],
+        bases=(FixedParams,), namespace={"__module__": __name__,
+                                         "__doc__": "Every params.yaml section: features_<name> per modality."})
 
 
 def _is_device(name: Any) -> bool:

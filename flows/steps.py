@@ -29,8 +29,7 @@ from flows.workspace import StepFailed, Workspace
 TRAIN_STEPS = ("pretrain_sasrec", "align_projectors", "finetune_moe")
 BASELINE_STEPS = ("popularity", "centralized")          # evaluated like the stages, shown beside them
 STEPS = ("prepare", *(f"features_{m}" for m in NAMES)) + TRAIN_STEPS + BASELINE_STEPS
-Step = Literal["prepare", "features_text", "features_visual", "pretrain_sasrec", "align_projectors", "finetune_moe",
-               "popularity", "centralized"]
+Step = Literal[STEPS]   # the choices the Prefect UI offers: a features step per modality of the registry
 StepsOn = Literal["process", "docker"]
 PROTOCOLS = ("full", "sampled")
 STEP_FLOW = "feddmmr-step"

@@ -21,9 +21,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from feddmmr.config import load_params, validate
 from feddmmr.errors import FeddmmrError
-from feddmmr.io import read_json
+from feddmmr.io import atomic_path, read_json
 
 BIN = Path(sys.executable).parent   # dvc and feddmmr of this environment
 
@@ -132,6 +134,7 @@ class Workspace:
         """`dvc repro --single-item <stage>`, streaming its output; False when DVC skipped or restored it.
         The stage runs the workspace's own library (the commit's code, which dvc.lock hashes), not the one
         installed beside this interpreter."""
+        self.forget_outputs_not_in_cache(stage)
         code = os.pathsep.join([str(self.path), *filter(None, [os.environ.get("PYTHONPATH")])])
         proc = subprocess.Popen([str(BIN / "dvc"), "repro", "--single-item", stage], cwd=self.path,
                                 env=_env(FEDDMMR_PIPELINE_RUN=self.name, PYTHONPATH=code), stdout=subprocess.PIPE,
@@ -147,6 +150,30 @@ class Workspace:
             errors = [ln for ln in lines if ln.startswith(("feddmmr: error:", "ERROR:"))]
             raise StepFailed(stage, code, (errors or lines or ["no output"])[0])
         return not any(re.search(r"didn't change, skipping|restored from run-cache|is cached", ln) for ln in lines)
+
+    def forget_outputs_not_in_cache(self, stage: str) -> list[str]:
+        """Drop from the workspace's dvc.lock the output hashes of ``stage`` that the DVC cache does not hold; the
+        outputs dropped.
+
+        A lock committed on another CPU type lists other hashes for every float output (sums differ between CPU
+        types), while this machine may have run the stage on the same inputs. DVC restores a stage from its
+        run-cache only when the lock's dependencies changed or it lists no output hash: with the committed
+        dependencies unchanged and outputs it cannot check out, it would train again. Without those hashes it
+        looks up the run-cache and restores this machine's outputs, or runs the stage when it never ran here.
+        """
+        path = self.path / "dvc.lock"
+        lock = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+        entry = lock.get("stages", {}).get(stage) or {}
+        cache = Path(run(["dvc", "cache", "dir"], self.path, "dvc cache dir").strip()) / "files" / "md5"
+        missing = [out for out in entry.get("outs", []) if out.get("md5") and not
+                   (cache / out["md5"][:2] / out["md5"][2:]).is_file()]
+        for out in missing:
+            for key in ("hash", "md5", "size", "nfiles"):
+                out.pop(key, None)
+        if missing:
+            with atomic_path(path) as tmp:
+                tmp.write_text(yaml.safe_dump(lock, sort_keys=False))
+        return [out["path"] for out in missing]
 
     def read_json(self, relative: str) -> dict:
         return read_json(self.path / relative, relative)

@@ -10,7 +10,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_T
                    "DVC_NO_ANALYTICS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}.items():
     os.environ.setdefault(key, value)
 
-from feddmmr.config import Params, PrepareParams  # noqa: E402
+from feddmmr.config import Params, PrepareParams
 from feddmmr.data.prepare import prepare  # noqa: E402
 from feddmmr.data.demo import write_demo  # noqa: E402
 
@@ -115,16 +115,20 @@ def wait_for_http(url: str, proc, what: str, timeout: float = 300) -> None:
 
 def write_tiny_features(root: Path, data, text_dim: int = 24, visual_dim: int = 16, seed: int = 0,
                         visual: bool = True) -> Path:
-    """Random unit-norm feature files in the layout `feddmmr features` writes (root/text, root/visual), built for
-    the prepared data ``data`` (a Prepared).
+    """Random unit-norm feature files in the layout `feddmmr features` writes (root/<modality> for every modality
+    of the registry), built for the prepared data ``data`` (a Prepared).
 
-    Every fifth item has no text and every third no poster, so the masked paths are exercised.
+    Every fifth item has no text and every third no poster (every fourth lacks any other modality), so the masked
+    paths are exercised.
     """
     import torch
 
     from feddmmr.io import save_tensors
+    from feddmmr.modalities import NAMES
     g, num_items = torch.Generator().manual_seed(seed), data.num_items
-    for modality, dim, every in (("text", text_dim, 5), ("visual", visual_dim, 3)):
+    shapes = {"text": (text_dim, 5), "visual": (visual_dim, 3)}
+    for modality in sorted(NAMES, key=lambda m: list(shapes).index(m) if m in shapes else len(shapes)):
+        dim, every = shapes.get(modality, (8, 4))
         feats = torch.nn.functional.normalize(torch.randn(num_items + 1, dim, generator=g), dim=-1)
         mask = torch.ones(num_items + 1, dtype=torch.bool)
         mask[0] = False

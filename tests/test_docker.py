@@ -14,12 +14,13 @@ import yaml
 
 from conftest import REPO, free_port
 from flows.steps import STEPS, TRAIN_STEPS, task_name
+from feddmmr.modalities import MODALITIES
 
 BIN = Path(sys.executable).parent
 COMPOSE_FILE = REPO / "docker" / "compose.yaml"
 STACK = "feddmmrtest"
 IMAGE, SERVER_IMAGE, BASE = "feddmmr:test", "feddmmr-server:test", "feddmmr-base:bookworm"
-GPU_STEPS = {"features_visual", *TRAIN_STEPS, "centralized"}
+GPU_STEPS = {*(f"features_{m.name}" for m in MODALITIES if m.gpu), *TRAIN_STEPS, "centralized"}
 FAST = ["model.hidden=16", "model.heads=2", "model.ffn_hidden=16", "model.blocks=1", "pretrain_sasrec.rounds=2",
         "align_projectors.rounds=1", "finetune_moe.rounds=1", "centralized.epochs=1"]
 

@@ -7,10 +7,14 @@ import torch
 from PIL import Image
 
 from conftest import shared
-from feddmmr.config import PrepareParams, TextFeatureParams, VisualFeatureParams
+from feddmmr.config import PrepareParams
+from feddmmr.modalities import TextFeatureParams, VisualFeatureParams
 from feddmmr.data.prepare import load_prepared, prepare
 from feddmmr.errors import FeddmmrError
-from feddmmr.features.extract import extract_text, extract_visual, load_clip, load_features, read_descriptions
+from feddmmr.features.text import extract_text
+from feddmmr.features.visual import extract_visual, load_clip
+from feddmmr.features.store import load_features
+from feddmmr.data.items import read_descriptions
 
 TINY_CLIP = Path(__file__).parent / "assets" / "feddmmr-tiny-clip.json"
 

@@ -128,7 +128,7 @@ def test_multimodal_executors_agree_on_weights_and_memories(setup, trainable_gro
     """Stages 2-3: both executors give the same aggregate and the same client memories."""
     from conftest import tiny_stage_params, write_tiny_features
     from feddmmr.model import group_of
-    from feddmmr.features.extract import load_modalities
+    from feddmmr.features.store import load_modalities
     from feddmmr.training.checkpoint import build_memory
     data, pool = setup
     params = tiny_stage_params(clients_per_chunk=3)
@@ -165,7 +165,7 @@ def test_multimodal_executors_agree_on_weights_and_memories(setup, trainable_gro
 def test_trainable_tensor_without_gradient_stays_bit_identical_through_fedadam(setup, tmp_path):
     """No posters: the visual parameters train but get no gradient; FedAvg + FedAdam must not move them."""
     from conftest import tiny_stage_params, write_tiny_features
-    from feddmmr.features.extract import load_modalities
+    from feddmmr.features.store import load_modalities
     from feddmmr.training.checkpoint import build_memory
     data, pool = setup
     params = tiny_stage_params()

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 PACKAGE = Path(__file__).resolve().parents[1] / "feddmmr"
 ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
@@ -152,3 +153,27 @@ def test_a_round_executor_without_the_interface_is_refused_before_anything_runs(
         train_stage("pretrain_sasrec", tiny_params(rounds=1), tiny_prepared, tmp_path / "ck", tmp_path / "m.json",
                     rounds=lambda *a, **k: None)
     assert not (tmp_path / "ck").exists()
+
+
+def test_dvc_yaml_and_prefect_yaml_follow_the_modality_registry():
+    """Their features stages and step deployments are written from feddmmr/modalities.py
+    (`python -m feddmmr.generate`); an entry added or changed without regenerating fails here."""
+    from feddmmr.generate import stale
+    assert stale() == [], f"{stale()} are stale: run `python -m feddmmr.generate`"
+
+
+def test_a_new_registry_entry_gets_its_stage_and_step(monkeypatch):
+    import feddmmr.generate as generate
+    from feddmmr.modalities import MODALITIES, Modality, TextFeatureParams
+    audio = Modality("audio", query="feature", params=TextFeatureParams, extractor="feddmmr.features.text:extract",
+                     gpu=True, reads=("prepare.path",))
+    monkeypatch.setattr(generate, "MODALITIES", (*MODALITIES, audio))
+    assert generate.stale() == ["dvc.yaml", "prefect.yaml"]
+    dvc_yaml = generate.rendered("dvc.yaml", (generate.ROOT / "dvc.yaml").read_text())
+    stage = yaml.safe_load(dvc_yaml)["stages"]["features_audio"]
+    assert stage["cmd"] == "feddmmr -q features audio --data data/prepared --out features/audio"
+    assert stage["params"] == ["prepare.path", "features_audio"] and stage["outs"] == ["features/audio"]
+    assert "feddmmr/features/text.py" in stage["deps"] and "feddmmr/features/visual.py" not in stage["deps"]
+    prefect = yaml.safe_load(generate.rendered("prefect.yaml", (generate.ROOT / "prefect.yaml").read_text()))
+    step = {d["name"]: d for d in prefect["deployments"]}["features-audio"]
+    assert step["entrypoint"] == "flows/steps.py:step_flow" and "container_create_kwargs" in step["work_pool"]["job_variables"]

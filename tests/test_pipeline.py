@@ -41,7 +41,8 @@ def project(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     hook, log = tmp_path_factory.mktemp("hook"), tmp_path_factory.mktemp("modules")
     (hook / "sitecustomize.py").write_text(MODULE_LOG_HOOK)
-    r = dvc("repro", cwd=root, PYTHONPATH=str(hook), FEDDMMR_MODULES_LOG=str(log))
+    path = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
+    r = dvc("repro", cwd=root, PYTHONPATH=path, FEDDMMR_MODULES_LOG=str(log))
     assert r.returncode == 0, r.stdout + r.stderr
     MODULES_LOGS[root] = log   # what each stage's command loaded (test_each_stage_depends_on_the_code_it_runs)
     return root
@@ -136,8 +137,9 @@ def _touch(project: Path, relative: str) -> str:
     ("feddmmr/experiments/sweeps.py", set()),
     ("feddmmr/tracking/run.py", set()),
     ("feddmmr/model/sasrec.py", {"pretrain_sasrec", "align_projectors", "finetune_moe", "centralized"}),
-    ("feddmmr/features/extract.py", {"features_text", "features_visual", "pretrain_sasrec", "align_projectors",
-                                     "finetune_moe", "centralized"}),
+    ("feddmmr/features/text.py", {"features_text"}),
+    ("feddmmr/features/store.py", {"features_text", "features_visual", "pretrain_sasrec", "align_projectors",
+                                   "finetune_moe", "centralized"}),
 ])
 def test_an_edit_reruns_exactly_the_stages_whose_code_it_changes(project, edited, stale):
     old = _touch(project, edited)

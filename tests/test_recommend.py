@@ -47,7 +47,7 @@ def trained(tiny_csv, tiny_prepared, tmp_path_factory):
 
 
 def recommender(trained, tiny_prepared, stage):
-    from feddmmr.features.extract import item_titles
+    from feddmmr.data.items import item_titles
     from feddmmr.config import PrepareParams
     titles = item_titles(PrepareParams(source="csv", path=str(trained["csv"])))
     return Recommender.load(trained["root"] / "checkpoints" / stage, tiny_prepared, trained["features"], titles)
@@ -133,6 +133,22 @@ def test_ids_that_are_not_integers_are_refused_never_truncated(trained, tiny_pre
 def cli(*args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "feddmmr", *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+
+
+def test_a_checkpoint_loads_with_the_modalities_it_was_trained_with(trained, tiny_prepared, monkeypatch):
+    """A modality added to the registry after training (here "audio", whose features do not exist) leaves every
+    existing checkpoint loadable: the model is rebuilt with the modalities of its own config, in their order,
+    and only their features are read."""
+    import feddmmr.features.store as store
+    import feddmmr.training.checkpoint as checkpoint
+    from feddmmr.modalities import NAMES, QUERY
+    monkeypatch.setitem(QUERY, "audio", "feature")
+    for module in (store, checkpoint):
+        monkeypatch.setattr(module, "NAMES", (*NAMES, "audio"))
+    before = recommender(trained, tiny_prepared, "finetune_moe")
+    assert before.model.modalities == list(NAMES) and not (trained["features"] / "audio").exists()
+    top = before.for_users([int(before.data.user_raw[0])], k=3)
+    assert len(top) == 3
 
 
 def test_each_stage_registers_a_version_and_the_champion_is_the_best_stage(trained):

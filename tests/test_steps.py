@@ -13,8 +13,9 @@ from feddmmr.errors import DivergedError, FeddmmrError, SystemFailure
 from flows.stack import sync_project
 from flows.steps import STEP_FLOW, STEPS, TRAIN_STEPS, failure, step_job_variables, task_name
 from flows.workspace import Workspace, run
+from feddmmr.modalities import MODALITIES
 
-GPU_STEPS = {"features_visual", *TRAIN_STEPS, "centralized"}
+GPU_STEPS = {*(f"features_{m.name}" for m in MODALITIES if m.gpu), *TRAIN_STEPS, "centralized"}
 
 
 def deployments() -> dict:

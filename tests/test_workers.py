@@ -69,7 +69,7 @@ def test_worker_processes_train_the_in_process_rounds_bit_for_bit(setup, process
 
 def test_worker_processes_feed_the_same_memories(setup, tmp_path):
     """Stages 2-3: memory slots go out with each chunk and the observed surprises come back to the memory."""
-    from feddmmr.features.extract import load_modalities
+    from feddmmr.features.store import load_modalities
     data, pool = setup
     params = tiny_stage_params(clients_per_chunk=4)
     tp = params.finetune_moe
@@ -119,7 +119,7 @@ def test_a_chunk_sent_to_a_worker_is_small_whatever_the_round_size(setup, tmp_pa
     outgrew the socket buffer and the pipe deadlocked against a worker sending its result."""
     import pickle
     from feddmmr.federated.client import client_chunks
-    from feddmmr.features.extract import load_modalities
+    from feddmmr.features.store import load_modalities
     data, _ = setup
     params = tiny_stage_params()
     memory = build_memory(params, data, load_modalities(write_tiny_features(tmp_path, data), data))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from feddmmr.errors import FeddmmrError
+from feddmmr.modalities import NAMES
 
 # stats and tracking (torch, MLflow) are imported where they are used: `feddmmr ablate --help` reads ABLATIONS
 # and should answer without loading torch
@@ -39,8 +40,7 @@ ABLATIONS = {                              # name: the params change of finetune
     "full": [],
     "backbone-only": ["finetune_moe.freeze=[item_embeddings,projections,gate,experts,router]",
                       "finetune_moe.gate_start=0.0"],
-    "text-only": ["finetune_moe.modalities=[text]"],
-    "visual-only": ["finetune_moe.modalities=[visual]"],
+    **{f"{m}-only": [f"finetune_moe.modalities=[{m}]"] for m in reversed(NAMES)},   # one per modality
     "no-long-term-memory": ["finetune_moe.long_term=false"],
     "no-contrastive-loss": ["finetune_moe.contrastive_weight=0.0"],
 }

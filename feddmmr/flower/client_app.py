@@ -24,7 +24,7 @@ from feddmmr.config import MemoryParams, MultimodalTrainParams, TrainParams
 from feddmmr.data.prepare import Prepared, load_prepared
 from feddmmr.errors import FeddmmrError
 from feddmmr.evaluation.metrics import Evaluator
-from feddmmr.features.extract import load_modalities
+from feddmmr.features.store import load_modalities
 from feddmmr.federated.client import (
     ClientPool,
     client_chunks,

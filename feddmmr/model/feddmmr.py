@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from feddmmr.modalities import NAMES, QUERY
+from feddmmr.modalities import QUERY
 from feddmmr.model.experts import MemoryExpert
 from feddmmr.model.router import Router
 from feddmmr.model.rows import take_rows
@@ -82,10 +82,10 @@ class FedDMMR(nn.Module):
         c = self.config = config
         self.num_items, self.hidden = c.num_items, c.hidden
         self.sasrec = SASRec(c.num_items, c.max_seq_len, c.hidden, c.blocks, c.heads, c.ffn_hidden, c.dropout)
-        unknown = sorted(set(c.feature_dims) - set(NAMES))
+        unknown = sorted(set(c.feature_dims) - set(QUERY))
         if unknown:
-            raise ValueError(f"unknown modalities {unknown}; known: {', '.join(NAMES)}")
-        self.modalities = [m for m in NAMES if m in c.feature_dims]    # in the order of feddmmr.modalities
+            raise ValueError(f"unknown modalities {unknown}; the registry (feddmmr.modalities) has {', '.join(QUERY)}")
+        self.modalities = list(c.feature_dims)   # those it was built with, in their order (a checkpoint's own)
         self.multimodal = bool(self.modalities)
         if not self.multimodal:
             return

@@ -25,7 +25,7 @@ from feddmmr.config import (
 )
 from feddmmr.data.prepare import Prepared
 from feddmmr.errors import FeddmmrError
-from feddmmr.features.extract import ModalityFeatures, load_modalities
+from feddmmr.features.store import ModalityFeatures, load_modalities
 from feddmmr.io import load_tensors, read_json, safetensors_header
 from feddmmr.modalities import NAMES
 from feddmmr.model import FedDMMR, FedDMMRConfig, group_of
@@ -93,7 +93,7 @@ def load_groups(model: FedDMMR, source_dir: str | Path, data: Prepared, feature_
             f"the checkpoint does not belong to this model/data (re-run the previous stage: `dvc repro`)")
     if "projections" in source_groups and feature_sha is not None:
         was = config.get("features") or {}
-        changed = [m for m in NAMES if was.get(m) != feature_sha.get(m)]
+        changed = [m for m in model.modalities if was.get(m) != feature_sha.get(m)]
         if changed:
             raise FeddmmrError(f"{source_dir} projections were trained on other {', '.join(changed)} features than "
                                f"features/{changed[0]}; re-run the previous stage on the current features (`dvc repro`)")
@@ -159,7 +159,7 @@ def checked_model_config(ckpt_dir: Path, raw) -> FedDMMRConfig:
     bad += [k for k in ("dropout", "gating_init") if type(raw[k]) not in (int, float) or not math.isfinite(raw[k])]
     dims = raw["feature_dims"]
     if not isinstance(dims, dict) or not all(type(v) is int and 1 <= v <= LIMITS["dim"] for v in dims.values()) \
-            or not set(dims) <= set(NAMES):
+            or not set(dims) <= set(NAMES):   # a modality the registry no longer has cannot be built
         bad.append("feature_dims")
     if not bad and raw["hidden"] % raw["heads"]:
         bad.append("hidden (a multiple of heads)")
@@ -212,12 +212,12 @@ def load_checkpoint(ckpt_dir: str | Path, data: Prepared | None = None, features
     if model.multimodal:
         if data is None:
             raise FeddmmrError(f"{ckpt_dir} is a multimodal checkpoint: evaluating it needs the prepared data")
-        feats = load_modalities(features_dir, data)
-        stale = [m for m in NAMES if (config.get("features") or {}).get(m) != feats[m].sha256]
+        feats = load_modalities(features_dir, data, model.modalities)   # those it was trained with
+        stale = [m for m in model.modalities if (config.get("features") or {}).get(m) != feats[m].sha256]
         if stale:
             raise FeddmmrError(f"{ckpt_dir} was trained on other {', '.join(stale)} features than those in "
                                f"{features_dir}; pass --features with the stage's features or re-run it (`dvc repro`)")
-        model.set_features(stage_features(feats, used=config["train"].get("modalities", NAMES)))
+        model.set_features(stage_features(feats, used=config["train"].get("modalities", model.modalities)))
         memory = MemoryBank(config["num_users"], _memory_params(ckpt_dir, config.get("memory")))
         try:
             memory.load_state_dict(load_tensors(ckpt_dir / "memory.safetensors", "client memory", FIX))

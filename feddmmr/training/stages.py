@@ -44,11 +44,12 @@ from feddmmr.config import (
     resolve_device,
     validate,
 )
+from feddmmr.data.items import item_titles
 from feddmmr.data.prepare import Prepared, load_prepared
 from feddmmr.errors import DivergedError, FeddmmrError, TrackingIncomplete
 from feddmmr.evaluation.metrics import Evaluator, pick, write_metrics
 from feddmmr.evaluation.stats import TEST_RANKS, save_test_ranks
-from feddmmr.features.extract import item_titles, load_modalities
+from feddmmr.features.store import load_modalities
 from feddmmr.federated.client import ClientPool, warm_memories
 from feddmmr.federated.runtime import ThreadPool
 from feddmmr.federated.server import SERVER_OPTIMIZERS, ServerOptimizer, select_clients
