@@ -8,10 +8,12 @@ import torch
 from conftest import tiny_stage_params, write_tiny_features
 from feddmmr.data.prepare import load_prepared
 from feddmmr.errors import FeddmmrError
+from feddmmr.features.store import load_modalities
 from feddmmr.io import load_tensors, save_tensors
 from feddmmr.model import group_of
 from feddmmr.training.checkpoint import build_model, load_checkpoint
 from feddmmr.training.stages import train_stage
+from feddmmr.modalities import NAMES
 
 
 def _params(**kw):
@@ -52,7 +54,9 @@ def test_align_projectors_trains_only_projections_and_gate(chain, tiny_prepared)
     assert set(s1) < set(s2)
     assert _changed_groups(s1, s2) == {"item_embeddings": False, "backbone": False}   # bit-identical to stage 1
     torch.manual_seed(p.align_projectors.seed)  # the stage's initialisation, rebuilt
-    fresh = build_model(p, load_prepared(tiny_prepared), {"visual": 16, "text": 24}).state_dict()
+    data = load_prepared(tiny_prepared)
+    dims = {m: f.dim for m, f in load_modalities(root / "features", data).items()}   # every modality's
+    fresh = build_model(p, data, dims).state_dict()
     changed = _changed_groups(fresh, {k: v for k, v in s2.items() if k not in s1})
     assert changed == {"projections": True, "gate": True, "experts": False, "router": False}
     report = json.loads((root / "ck" / "align_projectors" / "load_report.json").read_text())
@@ -73,7 +77,7 @@ def test_finetune_moe_trains_all_but_item_embeddings(chain):
     assert changed.pop("item_embeddings") is False
     assert all(changed.values()), changed   # backbone, projections, gate, experts, router all moved
     assert torch.equal(s3["sasrec.item_emb.weight"], s1["sasrec.item_emb.weight"])
-    for expert in ("experts.visual", "experts.text"):
+    for expert in (f"experts.{m}" for m in NAMES):
         assert not torch.equal(s3[f"{expert}.value.weight"], s2[f"{expert}.value.weight"])
     report = json.loads((root / "ck" / "finetune_moe" / "load_report.json").read_text())
     assert set(report["loaded"]) == {"item_embeddings", "backbone", "projections", "gate", "experts", "router"}
@@ -83,7 +87,7 @@ def test_finetune_moe_trains_all_but_item_embeddings(chain):
     assert len(gates) == 3 and len(set(gates)) > 1                       # logged per round, and learning
     assert all(0 < r["router.w_visual"] < 1 and 0 < r["router.w_visual_all"] < 1 for r in history["router"])
     both = [r["router.w_visual_all"] for r in history["router"]]
-    assert both[0] == pytest.approx(0.5) and both[-1] != both[0]        # starts even; the router trains in stage 3
+    assert both[0] == pytest.approx(1 / len(NAMES)) and both[-1] != both[0]   # starts even; trains in stage 3
 
 
 def test_memory_is_kept_with_the_checkpoint_and_used_in_evaluation(chain, tiny_prepared):
@@ -148,7 +152,7 @@ def test_loading_fails_loudly_on_partial_or_mismatched_checkpoints(chain, tiny_p
 def test_stage3_refuses_projections_trained_on_other_features(chain, tiny_prepared, tmp_path):
     root, _ = chain
     other = write_tiny_features(tmp_path / "features", load_prepared(tiny_prepared), seed=5)
-    with pytest.raises(FeddmmrError, match="projections were trained on other visual, text features"):
+    with pytest.raises(FeddmmrError, match=f"projections were trained on other {', '.join(NAMES)} features"):
         train_stage("finetune_moe", _params(), tiny_prepared, tmp_path / "out", tmp_path / "m.json", progress=False,
                     features_dir=other, init_dir=root / "ck" / "align_projectors")
 

@@ -8,15 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from feddmmr.config import (
-    PrepareParams,
-)
+from feddmmr.config import PrepareParams
 from feddmmr.data.prepare import read_member
 from feddmmr.errors import FeddmmrError
 
 log = logging.getLogger("feddmmr")
 BUNDLED_MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-
 
 
 def _read_text(path: Path, member: str, encoding: str) -> tuple[str, Path]:

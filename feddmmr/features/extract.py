@@ -10,6 +10,8 @@ from feddmmr.errors import FeddmmrError
 from feddmmr.io import exclusive
 from feddmmr.modalities import BY_NAME, NAMES
 
+REPORT = {"modality", "model", "dim", "items", "covered", "coverage_pct", "seconds"}   # an extractor's report
+
 
 def extract(modality: str, params: Params, data_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
     """Write ``out_dir`` (``features/<modality>/``) with the extractor of ``modality``; its report."""
@@ -18,4 +20,9 @@ def extract(modality: str, params: Params, data_dir: str | Path, out_dir: str | 
     module, function = BY_NAME[modality].extractor.split(":")
     extractor = getattr(importlib.import_module(module), function)
     with exclusive(out_dir):
-        return extractor(params, data_dir, out_dir, progress)
+        report = extractor(params, data_dir, out_dir, progress)
+    missing = sorted(REPORT - set(report or {}))
+    if missing:   # the extractor's contract (docs/extending.md): what `feddmmr features` prints and records
+        raise FeddmmrError(f"the {modality} extractor ({BY_NAME[modality].extractor}) returned a report without "
+                           f"{', '.join(missing)}; it must return {', '.join(sorted(REPORT))}")
+    return report

@@ -32,7 +32,6 @@ log = logging.getLogger("feddmmr")
 BUNDLED_MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 
-
 WALL_CLOCK = ("seconds",)
 
 

@@ -13,14 +13,11 @@ from feddmmr.data.items import item_text, read_descriptions, read_item_metadata
 from feddmmr.data.prepare import load_prepared
 from feddmmr.errors import FeddmmrError
 from feddmmr.features.store import write_features
-from feddmmr.io import (
-    file_sha256,
-)
+from feddmmr.io import file_sha256
 from feddmmr.modalities import TextFeatureParams
 
 log = logging.getLogger("feddmmr")
 BUNDLED_MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-
 
 
 def load_text_model(name: str, device: str):
@@ -80,8 +77,6 @@ def extract_text(prep: PrepareParams, tp: TextFeatureParams, data_dir: str | Pat
     }
     write_features(out_dir, feats, mask, report, data)
     return report
-
-
 
 
 def extract(params: Params, data_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:

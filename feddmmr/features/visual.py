@@ -14,14 +14,11 @@ from feddmmr.config import Params, resolve_device
 from feddmmr.data.prepare import load_prepared
 from feddmmr.errors import FeddmmrError
 from feddmmr.features.store import write_features
-from feddmmr.io import (
-    file_sha256,
-)
+from feddmmr.io import file_sha256
 from feddmmr.modalities import VisualFeatureParams
 
 log = logging.getLogger("feddmmr")
 BUNDLED_MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-
 
 
 def _folder_digest(files: list[Path]) -> str:
@@ -130,8 +127,6 @@ def extract_visual(vp: VisualFeatureParams, data_dir: str | Path, out_dir: str |
                   seconds=time.perf_counter() - t0)
     write_features(out_dir, feats, mask, report, data)
     return report
-
-
 
 
 def extract(params: Params, data_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:

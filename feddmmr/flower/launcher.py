@@ -60,8 +60,6 @@ def flower_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **FLOWER_ENV, "PATH": path, **extra}
 
 
-
-
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:

@@ -67,7 +67,6 @@ def read_titles(path: str | Path) -> dict[int, str]:
         return {int(row["item"]): row["title"] for row in csv.DictReader(f)}
 
 
-
 class LoadedModel:
     """A logged FedDMMR model loaded through MLflow, answering like ``Recommender``."""
 
