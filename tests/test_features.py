@@ -167,3 +167,25 @@ def test_a_second_writer_of_a_feature_folder_is_refused_at_once(ml1m_like, tmp_p
         with pytest.raises(FeddmmrError, match="visual is being written by pid"):
             extract("visual", Params(), prepared, tmp_path / "visual", progress=False)
     assert not (tmp_path / "visual").exists()
+
+
+def test_an_extractor_is_found_by_its_registry_entry_and_its_report_checked(ml1m_like, tmp_path, monkeypatch):
+    """`feddmmr features <name>` runs the function the entry names; a report without the keys the CLI prints
+    and records is one line naming the extractor (it was a KeyError in the CLI)."""
+    import sys
+    import types
+
+    from feddmmr.config import Params
+    from feddmmr.features.extract import extract
+    from feddmmr.modalities import BY_NAME, Modality
+    _, prepared = ml1m_like
+    plugin = types.ModuleType("feddmmr_test_extractor")
+    plugin.extract = lambda params, data_dir, out_dir, progress: {"modality": "visual", "model": "m", "dim": 4}
+    monkeypatch.setitem(sys.modules, plugin.__name__, plugin)
+    monkeypatch.setitem(BY_NAME, "visual", Modality("visual", "feature", BY_NAME["visual"].params,
+                                                    f"{plugin.__name__}:extract"))
+    with pytest.raises(FeddmmrError) as err:
+        extract("visual", Params(), prepared, tmp_path / "visual", progress=False)
+    assert str(err.value) == ("the visual extractor (feddmmr_test_extractor:extract) returned a report without "
+                              "coverage_pct, covered, items, seconds; it must return coverage_pct, covered, dim, "
+                              "items, modality, model, seconds")
