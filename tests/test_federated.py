@@ -137,7 +137,7 @@ def test_multimodal_executors_agree_on_weights_and_memories(setup, trainable_gro
     tp.load_balance_weight = 0.1
     feats = load_modalities(write_tiny_features(tmp_path, data), data)
     torch.manual_seed(0)
-    model = build_model(params, data, {"visual": 16, "text": 24})
+    model = build_model(params, data, {m: f.dim for m, f in feats.items()})   # every modality's
     model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
     with torch.no_grad():  # as after some training: experts and router active, so every loss term has gradient
         for e in model.experts.values():
@@ -171,7 +171,7 @@ def test_trainable_tensor_without_gradient_stays_bit_identical_through_fedadam(s
     params = tiny_stage_params()
     feats = load_modalities(write_tiny_features(tmp_path, data, visual=False), data)
     torch.manual_seed(0)
-    model = build_model(params, data, {"visual": 16, "text": 24})
+    model = build_model(params, data, {m: f.dim for m, f in feats.items()})   # every modality's
     model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
     memory = build_memory(params, data, feats)
     server = FedAdam(0.01, 0.9)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO, add_dvc_pipeline, write_tiny_project
+from feddmmr.modalities import NAMES
 
 BIN = Path(sys.executable).parent
 
@@ -138,7 +139,7 @@ def _touch(project: Path, relative: str) -> str:
     ("feddmmr/tracking/run.py", set()),
     ("feddmmr/model/sasrec.py", {"pretrain_sasrec", "align_projectors", "finetune_moe", "centralized"}),
     ("feddmmr/features/text.py", {"features_text"}),
-    ("feddmmr/features/store.py", {"features_text", "features_visual", "pretrain_sasrec", "align_projectors",
+    ("feddmmr/features/store.py", {*(f"features_{m}" for m in NAMES), "pretrain_sasrec", "align_projectors",
                                    "finetune_moe", "centralized"}),
 ])
 def test_an_edit_reruns_exactly_the_stages_whose_code_it_changes(project, edited, stale):

@@ -75,7 +75,7 @@ def test_worker_processes_feed_the_same_memories(setup, tmp_path):
     tp = params.finetune_moe
     feats = load_modalities(write_tiny_features(tmp_path, data), data)
     torch.manual_seed(0)
-    model = build_model(params, data, {"visual": 16, "text": 24})
+    model = build_model(params, data, {m: f.dim for m, f in feats.items()})   # every modality's
     model.set_features({m: (f.table, f.mask) for m, f in feats.items()})
     start = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
