@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -116,12 +117,20 @@ def stack(images):
         down()
 
 
-def http(port: int, path: str, body=None):
+def http(port: int, path: str, body=None, tries: int = 6):
+    """A call of the stack's API, retried as Prefect's own client retries it (429, 502, 503: a busy server, e.g.
+    its database locked while every container of a run reports in on a 2-core machine)."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}/{path}", method="GET" if body is None else "POST",
                                  data=None if body is None else json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (429, 502, 503) or attempt == tries - 1:
+                raise
+            time.sleep(2 ** attempt)
 
 
 def wait_final(port: int, run_id: str, timeout: float) -> dict:
