@@ -59,6 +59,8 @@ class TrainParams:
     server_optimizer: str = "adam"   # adam (FedAdam) | sgd (FedAvg / FedAvgM) on the averaged client update
     server_lr: float = 0.01          # server step size (sgd with 1.0 and momentum 0 = plain FedAvg)
     server_momentum: float = 0.9     # sgd: FedAvgM momentum; adam: beta1
+    server_eps: float = 1e-3         # adam: tau, its adaptivity; an element updated far below it moves in proportion
+    server_bias_correction: bool = False  # adam: Kingma-Ba bias correction (first step lr * sign(delta) per element)
     num_negatives: int = 20          # sampled negatives per training position
     loss: str = "ce"                 # ce (sampled softmax) | bpr | full (softmax over every item; stage 1)
     patience: int = 15               # rounds without improvement before stopping
@@ -84,14 +86,20 @@ class MultimodalTrainParams(TrainParams):
     long_term: bool = True               # retrieve long-term memory slots (false: short-term slots only)
 
 
+def _pretrain_defaults() -> TrainParams:
+    # training from scratch: Adam's per-element step (sign-like) on updates too small and diluted for FedAvg to move
+    return TrainParams(patience=50, server_eps=1e-8, server_bias_correction=True)
+
+
 def _align_defaults() -> MultimodalTrainParams:
     return MultimodalTrainParams(rounds=30, patience=10, init_from="pretrain_sasrec", contrastive_weight=0.5,
-                                 freeze=["item_embeddings", "backbone", "experts", "router"])
+                                 gate_start=0.0, keep="last", freeze=["item_embeddings", "backbone", "experts", "router"])
 
 
 def _finetune_defaults() -> MultimodalTrainParams:
     return MultimodalTrainParams(rounds=60, patience=20, init_from="align_projectors", contrastive_weight=0.1,
-                                 load_balance_weight=0.01, server_lr=0.003, freeze=["item_embeddings"])
+                                 load_balance_weight=0.01, server_lr=0.003, server_eps=1e-8,
+                                 server_bias_correction=True, gate_start=0.1, freeze=["item_embeddings"])
 
 
 @dataclass
@@ -154,7 +162,7 @@ class FixedParams:
     prepare: PrepareParams = field(default_factory=PrepareParams)
     model: ModelParams = field(default_factory=ModelParams)
     evaluation: EvalParams = field(default_factory=EvalParams)
-    pretrain_sasrec: TrainParams = field(default_factory=TrainParams)
+    pretrain_sasrec: TrainParams = field(default_factory=_pretrain_defaults)
     multimodal: MultimodalParams = field(default_factory=MultimodalParams)
     memory: MemoryParams = field(default_factory=MemoryParams)
     align_projectors: MultimodalTrainParams = field(default_factory=_align_defaults)
@@ -229,12 +237,13 @@ def _closest(name: str, valid: set[str]) -> str:
 
 
 def update_section(obj: Any, section: str, values: dict[str, Any]) -> None:
-    valid = {f.name for f in fields(obj)}
+    valid = {f.name: f for f in fields(obj)}
     for key, value in values.items():
         if key not in valid:
             raise FeddmmrError(f"params: unknown key {section}.{key}{_closest(key, valid)}; valid keys: "
                                f"{', '.join(sorted(valid))}")
-        setattr(obj, key, _coerce(section, key, value, getattr(obj, key)))
+        nullable = value is None and "None" in str(valid[key].type)        # e.g. gate_start: float | None
+        setattr(obj, key, None if nullable else _coerce(section, key, value, getattr(obj, key)))
 
 
 # Allowed ranges, by key (any section that has it) or by section.key. Every float must also be finite.
@@ -242,6 +251,7 @@ _POSITIVE, _NON_NEGATIVE, _AT_LEAST_1 = ("> 0", lambda v: v > 0), (">= 0", lambd
 _UNIT_OPEN_TOP, _UNIT_CLOSED = ("in [0, 1)", lambda v: 0 <= v < 1), ("in [0, 1]", lambda v: 0 <= v <= 1)
 RANGES: dict[str, tuple[str, Any]] = {
     "lr": _POSITIVE, "server_lr": _POSITIVE, "weight_decay": _NON_NEGATIVE, "server_momentum": _UNIT_OPEN_TOP,
+    "server_eps": _POSITIVE,
     "client_fraction": ("in (0, 1]", lambda v: 0 < v <= 1), "dropout": _UNIT_OPEN_TOP,
     "contrastive_weight": _NON_NEGATIVE, "contrastive_temperature": _POSITIVE, "surprise_alpha": _NON_NEGATIVE,
     "load_balance_weight": _NON_NEGATIVE, "surprise_threshold": _UNIT_CLOSED,

@@ -291,6 +291,19 @@ def test_bad_parameters_are_one_line(tmp_path, tiny_prepared, override, message)
     assert not (tmp_path / "ck").exists()
 
 
+def test_a_key_that_may_be_null_takes_null_whatever_its_default(tmp_path):
+    """gate_start is `float | None`: null (the previous stage's gate, or gating_init) is a value for every stage,
+    whether its default is a number (align_projectors: 0.0) or null (finetune_moe); other keys still refuse it."""
+    from feddmmr.config import load_params
+    from feddmmr.errors import FeddmmrError
+    (tmp_path / "params.yaml").write_text("align_projectors:\n  gate_start: null\nfinetune_moe:\n  gate_start: 0.1\n")
+    p = load_params(tmp_path / "params.yaml")
+    assert (p.align_projectors.gate_start, p.finetune_moe.gate_start) == (None, 0.1)
+    assert load_params(None).align_projectors.gate_start == 0.0
+    with pytest.raises(FeddmmrError, match="align_projectors.rounds must be int, got None"):
+        load_params(tmp_path / "params.yaml", ["align_projectors.rounds=null"])
+
+
 def test_floats_as_people_write_them(tmp_path, tiny_prepared):
     (tmp_path / "params.yaml").write_text("pretrain_sasrec:\n  lr: 1e-3\n  server_lr: 2E-2\n")
     from feddmmr.config import load_params

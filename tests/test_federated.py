@@ -115,12 +115,26 @@ def test_server_momentum_keeps_frozen_tensors_and_defaults_to_fedavg():
     assert torch.allclose(second["a"], torch.full((3,), 1.0 + 0.5 * 1.0 + 1.0))
 
 
-def test_fedadam_first_step_moves_each_changed_coordinate_by_lr():
-    opt = FedAdam(lr=0.01, momentum=0.9)
-    cur = {"a": torch.zeros(4), "frozen": torch.ones(2)}
-    out = opt.step(cur, {"a": torch.tensor([1e-3, -2.0, 0.5, 0.0]), "frozen": torch.ones(2)})
-    torch.testing.assert_close(out["a"], torch.tensor([0.01, -0.01, 0.01, 0.0]), rtol=1e-4, atol=1e-6)
+def test_fedadam_moves_an_element_the_clients_barely_moved_in_proportion_not_by_server_lr():
+    """FedAdam with tau (``server_eps``): an element updated far below tau moves by a fixed fraction of its
+    update, lr (1 - b1) / (2 tau) = 0.5 with the defaults, in every round; one updated far above tau by about
+    lr (1 - b1) / sqrt(1 - b2) in its sign. Kingma-Ba's bias correction (``server_bias_correction``) is the
+    sign step: lr on every element, 1e-6 or 2."""
+    from feddmmr.config import TrainParams
+    tp = TrainParams(server_optimizer="adam")
+    cur = {"a": torch.zeros(5), "frozen": torch.ones(2)}
+    delta = torch.tensor([1e-6, -2e-6, 1e-5, -2.0, 0.0])
+    opt = SERVER_OPTIMIZERS["adam"].from_params(tp)
+    assert (opt.eps, opt.bias_correction) == (tp.server_eps, tp.server_bias_correction) == (1e-3, False)
+    out = opt.step(cur, {"a": delta.clone(), "frozen": torch.ones(2)})
+    torch.testing.assert_close(out["a"][:3], 0.5 * delta[:3], rtol=1e-3, atol=0.0)   # 0.5x, never 0.01
+    assert -0.035 < float(out["a"][3]) < -0.03 and float(out["a"][4]) == 0.0
     assert torch.equal(out["frozen"], cur["frozen"])
+    second = opt.step(out, {"a": out["a"] + delta, "frozen": torch.ones(2)})["a"] - out["a"]
+    assert torch.all(second[:3].abs() <= delta[:3].abs())                           # still in proportion
+    sign = FedAdam(lr=0.01, momentum=0.9, eps=1e-8, bias_correction=True)
+    out = sign.step(cur, {"a": delta.clone(), "frozen": torch.ones(2)})
+    torch.testing.assert_close(out["a"], 0.01 * torch.sign(delta), rtol=0.02, atol=0.0)   # |d| / (|d| + 1e-8)
 
 
 @pytest.mark.parametrize("trainable_groups", [None, {"projections", "gate"}])

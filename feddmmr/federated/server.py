@@ -169,6 +169,11 @@ class ServerOptimizer:
         self.v: dict[str, torch.Tensor] = {}
         self.t = 0
 
+    @classmethod
+    def from_params(cls, tp) -> "ServerOptimizer":
+        """The optimizer a stage's params ask for (``<stage>.server_*``)."""
+        return cls(tp.server_lr, tp.server_momentum)
+
     def identity(self) -> bool:
         return False
 
@@ -213,19 +218,39 @@ class FedAvgM(ServerOptimizer):
 
 
 class FedAdam(ServerOptimizer):
-    """adam: FedAdam (Reddi et al., 2021) with beta1 = momentum: m <- b1 m + (1-b1) delta;
-    v <- b2 v + (1-b2) delta^2;  theta <- theta + lr * m_hat / (sqrt(v_hat) + eps), bias-corrected."""
+    """adam: FedAdam (Reddi et al., 2021, Algorithm 2) with beta1 = momentum and tau = eps:
 
-    def __init__(self, lr: float, momentum: float, beta2: float = 0.999, eps: float = 1e-8):
+        m <- b1 m + (1 - b1) delta;   v <- b2 v + (1 - b2) delta^2;   theta <- theta + lr * m / (sqrt(v) + tau)
+
+    with v starting at tau^2 and no bias correction. tau sets how adaptive the step is: an element whose update
+    is far below tau moves by about lr (1 - b1) / (2 tau) times its update (proportional to what the clients
+    asked for; 0.5x with the defaults lr 0.01, b1 0.9, tau 1e-3), one far above it by lr (1 - b1) / sqrt(1 - b2)
+    in its sign.
+
+    ``bias_correction`` is Kingma and Ba's Adam instead (v starts at 0, m and v bias-corrected, eps added to
+    sqrt(v_hat)): its first step is lr * delta / (|delta| + tau), i.e. lr * sign(delta) on every element the
+    clients moved by more than tau, however little they moved it (with tau 1e-8, every element).
+    """
+
+    def __init__(self, lr: float, momentum: float, beta2: float = 0.999, eps: float = 1e-3,
+                 bias_correction: bool = False):
         super().__init__(lr, momentum)
-        self.beta2, self.eps = beta2, eps
+        self.beta2, self.eps, self.bias_correction = beta2, eps, bias_correction
+
+    @classmethod
+    def from_params(cls, tp) -> "FedAdam":
+        return cls(tp.server_lr, tp.server_momentum, eps=tp.server_eps, bias_correction=tp.server_bias_correction)
 
     def update(self, k, theta, delta):
-        b1 = self.momentum
+        b1, b2 = self.momentum, self.beta2
+        v0 = 0.0 if self.bias_correction else self.eps ** 2
         m = self.m.setdefault(k, torch.zeros_like(delta)).mul_(b1).add_(delta, alpha=1 - b1)
-        v = self.v.setdefault(k, torch.zeros_like(delta)).mul_(self.beta2).addcmul_(delta, delta, value=1 - self.beta2)
-        denom = torch.div(v, 1 - self.beta2 ** self.t).sqrt_().add_(self.eps)      # sqrt(v_hat) + eps
-        step = torch.div(m, 1 - b1 ** self.t, out=delta).mul_(self.lr).div_(denom)  # lr * m_hat / denom
+        v = self.v.setdefault(k, torch.full_like(delta, v0)).mul_(b2).addcmul_(delta, delta, value=1 - b2)
+        if self.bias_correction:
+            denom = torch.div(v, 1 - b2 ** self.t).sqrt_().add_(self.eps)              # sqrt(v_hat) + eps
+            step = torch.div(m, 1 - b1 ** self.t, out=delta).mul_(self.lr).div_(denom)  # lr * m_hat / denom
+        else:
+            step = torch.mul(m, self.lr, out=delta).div_(v.sqrt().add_(self.eps))       # lr * m / (sqrt(v) + tau)
         return step.add_(theta)
 
 

@@ -233,6 +233,15 @@ def _resume_inputs(stage: str, sections: dict, data_dir, init_dir: Path | None) 
             "start": start, "code": code_sha256(), "torch": torch.__version__}
 
 
+def selection_path(val: list[dict], best_round: int, metric: str) -> dict:
+    """How the validation score moved: at the start (round 0: the loaded or fresh model), the change of the first
+    round, and the best round's gain over the start; what says whether a stage helped or hurt its start."""
+    start = pick(val[0], metric)
+    first = pick(val[1], metric) - start if len(val) > 1 else 0.0
+    return {"metric": metric, "start": start, "first_round_change": first,
+            "best_gain": pick(val[best_round], metric) - start}
+
+
 def _round_record(history: dict, i: int, with_memory: bool) -> dict[str, float]:
     """What MLflow records for round ``i`` (round 0: the starting model's validation)."""
     record = {**prefixed(history["val"][i]), **history["router"][i]}
@@ -280,7 +289,7 @@ def _initialise(stage: str, spec: StageSpec, params: Params, tp: TrainParams, da
                                      list(tp.modalities), key))
         if saved is None:      # on resume the saved round's memories replace them
             _continue_memories(stage, memory, init_dir)
-    server = SERVER_OPTIMIZERS[tp.server_optimizer](tp.server_lr, tp.server_momentum)
+    server = SERVER_OPTIMIZERS[tp.server_optimizer].from_params(tp)
     if saved is not None:
         _restore(model, memory, server, *saved, device)
     model = model.to(device)
@@ -452,7 +461,8 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
     if memory is not None:
         history["memory"] = memory.summary()
     metrics = {"stage": stage, "best_round": state.best_round, "rounds_run": len(history["round"]) - 1,
-               "val": history["val"][state.best_round], "test": test}
+               "val": history["val"][state.best_round], "test": test,
+               "selection": selection_path(history["val"], state.best_round, setup.tp.selection_metric)}
     if setup.spec.multimodal:
         metrics["gating_weight"] = history["router"][state.best_round]["gating_weight"]
     if state.diverged:
@@ -480,7 +490,8 @@ def _write(setup: Setup, state: Progress, resume: ResumeState, tracker: StageRun
     train_seconds = history["seconds"][1:]   # wall clock goes to MLflow only: DVC outputs stay reproducible
     metrics["seconds_per_round"] = sum(train_seconds) / max(1, len(train_seconds))
     final = {"best_round": state.best_round, "seconds_per_round": metrics["seconds_per_round"],
-             **prefixed(test, "test"), **prefixed(metrics["val"], "best_val")}
+             **prefixed(test, "test"), **prefixed(metrics["val"], "best_val"),
+             **{f"selection.{k}": v for k, v in metrics["selection"].items() if k != "metric"}}
     try:
         tracker.finish(record, state.round, final, [Path(out_dir) / a for a in artifacts] + [Path(metrics_path)],
                        Path(out_dir), param_diff=diff,
