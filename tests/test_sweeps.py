@@ -56,7 +56,7 @@ def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(project):
     # MLflow: a pipeline run per seed; the table's mean and interval are those of the two runs
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
     exp = client.get_experiment_by_name("feddmmr")
-    values = []
+    values, finals = [], {}
     for name in names:
         parent, = client.search_runs([exp.experiment_id], filter_string=f"tags.`feddmmr.pipeline_key` = '{name}' "
                                      "and tags.`feddmmr.kind` = 'pipeline'")
@@ -64,12 +64,23 @@ def test_a_seed_sweep_is_one_experiment_per_seed_summarised_over_seeds(project):
         final = {r.data.tags["feddmmr.stage"]: r for r in stages}
         assert {"pretrain_sasrec", "align_projectors", "finetune_moe", "centralized"} <= set(final)
         values.append(final["finetune_moe"].data.metrics["test.full.NDCG_at_10"])
+        finals[name] = final
     mean, half = seed_interval(values)
     ndcg = next(line for line in out.splitlines() if line.startswith("NDCG@10")).split()
     assert ndcg[7:10] == [f"{mean:.4f}", "±", f"{half:.4f}"]          # the finetune_moe column
     # 4 columns against the first: popularity, restored from dvc.lock in both seeds, is `dvc repro`'s run
     header = next(line for line in out.splitlines() if line.startswith("metric")).split()
-    assert header[-1] == "popularity" and sum(line.startswith("  seed ") for line in out.splitlines()) == 2 * 4
+    assert header[-1] == "popularity" and sum(line.startswith("  seed ") and " p = " in line
+                                              for line in out.splitlines()) == 2 * 4
+    # each training stage's validation path per seed (stage 2's first round: what it did to its start), and
+    # the price of federation, both from the stages' own MLflow records
+    m = finals[names[1]]["align_projectors"].data.metrics
+    assert (f"  seed 1 align_projectors: start {m['selection.start']:.4f}, first round "
+            f"{m['selection.first_round_change']:+.4f}, best round {int(m['best_round'])}, "
+            f"best {m['selection.best_gain']:+.4f}") in out.splitlines()
+    assert sum(line.startswith("  seed ") and "first round" in line for line in out.splitlines()) == 2 * 3
+    f, c = (finals[names[0]][s].data.metrics["test.full.NDCG_at_10"] for s in ("pretrain_sasrec", "centralized"))
+    assert f"federated / centralized test full NDCG@10 (pretrain_sasrec / centralized): seed 42 {f / c:.3f}" in out
 
     # the same sweep again runs nothing
     again = sh(BIN / "feddmmr", "sweep", "--seeds", "42", "1", cwd=project)

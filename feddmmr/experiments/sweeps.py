@@ -159,7 +159,35 @@ def summarize(names: list[str], seeds: list[int], protocol: str = "full") -> str
         for s in stages[1:]:
             if ranks[s] is not None and ranks[stages[0]] is not None:
                 lines.append(f"  seed {seed} {s}: {paired_test(ranks[stages[0]], ranks[s], 'NDCG@10').describe()}")
-    return "\n".join(lines)
+    return "\n".join(lines + _validation_lines(runs) + _federation_price(runs, protocol))
+
+
+def _validation_lines(runs: dict) -> list[str]:
+    """Per seed and training stage, its validation selection score at the start (round 0: what it loaded), the
+    change of its first round, its best round and that round's gain over the start."""
+    lines = ["", "validation (selection metric) per seed: start, first-round change, best round, best - start"]
+    for seed, (_, _, latest) in runs.items():
+        for s in ("pretrain_sasrec", "align_projectors", "finetune_moe"):
+            m = latest[s].data.metrics if s in latest else {}
+            if "selection.start" in m:
+                lines.append(f"  seed {seed} {s}: start {m['selection.start']:.4f}, first round "
+                             f"{m['selection.first_round_change']:+.4f}, best round {int(m['best_round'])}, "
+                             f"best {m['selection.best_gain']:+.4f}")
+    return lines
+
+
+def _federation_price(runs: dict, protocol: str) -> list[str]:
+    """Federated stage 1's test NDCG@10 as a fraction of the centralized counterpart's, per seed and overall."""
+    key = f"test.{protocol}.NDCG_at_10"
+    pairs = {seed: (latest["pretrain_sasrec"].data.metrics.get(key), latest["centralized"].data.metrics.get(key))
+             for seed, (_, _, latest) in runs.items() if {"pretrain_sasrec", "centralized"} <= set(latest)}
+    pairs = {seed: (f, c) for seed, (f, c) in pairs.items() if f is not None and c}
+    if not pairs:
+        return []
+    mean = lambda i: sum(p[i] for p in pairs.values()) / len(pairs)   # noqa: E731
+    per_seed = ", ".join(f"seed {seed} {f / c:.3f}" for seed, (f, c) in pairs.items())
+    return ["", f"federated / centralized test {protocol} NDCG@10 (pretrain_sasrec / centralized): {per_seed}; "
+                f"of the means {mean(0) / mean(1):.3f}"]
 
 
 def run_ablations(project: str | Path, overrides: list[str], say: Callable[[str], None] = print,
