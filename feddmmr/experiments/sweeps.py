@@ -167,7 +167,7 @@ def _validation_lines(runs: dict) -> list[str]:
     change of its first round, its best round and that round's gain over the start."""
     lines = ["", "validation (selection metric) per seed: start, first-round change, best round, best - start"]
     for seed, (_, _, latest) in runs.items():
-        for s in ("pretrain_sasrec", "align_projectors", "finetune_moe"):
+        for s in SEEDED:                     # the federated stages record their path (the centralized one not)
             m = latest[s].data.metrics if s in latest else {}
             if "selection.start" in m:
                 lines.append(f"  seed {seed} {s}: start {m['selection.start']:.4f}, first round "
